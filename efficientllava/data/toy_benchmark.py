@@ -1,0 +1,236 @@
+"""The toy visual multiple-choice benchmark, built deterministically from a seed in the project's schema.
+
+Eight categories, all of which need the image: colour, shape, counting, position, relation, digit (scikit-learn's
+handwritten digits) and two compositional ones, count_relation ("how many objects are left of the red circle") and
+digit_sum ("what is the sum of the two digits"). Distractor options are drawn near the answer where answers are
+numbers, so picking the right letter needs the same work as producing the answer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from efficientllava.data.scenes import COLOURS, PLURALS, SHAPES, Obj, digit_pools, render
+from efficientllava.data.schema import FEATURES
+
+log = logging.getLogger(__name__)
+
+BENCHMARK_VERSION = 1
+CATEGORIES = ("colour", "shape", "counting", "position", "relation", "digit", "count_relation", "digit_sum")
+DEFAULT_SIZES = {"train": 30000, "val": 1000, "test": 2000}
+RELATIONS = ("left of", "right of", "above", "below")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+COLOUR_NAMES = tuple(COLOURS)
+
+
+class _Scene:
+    """Places objects in distinct cells of the grid."""
+
+    def __init__(self, rng: np.random.Generator, pool: str):
+        self.rng, self.pool = rng, pool
+        self.free = [int(c) for c in rng.permutation(16)]
+        self.objects: list[Obj] = []
+
+    def add_shape(self, shape: str, colour: str, cell: int | None = None) -> Obj:
+        cell = self.free.pop() if cell is None else self._take(cell)
+        obj = Obj(shape, colour, cell // 4, cell % 4)
+        self.objects.append(obj)
+        return obj
+
+    def add_digit(self) -> Obj:
+        images, labels = digit_pools()[self.pool]
+        index = int(self.rng.integers(len(images)))
+        cell = self.free.pop()
+        obj = Obj("digit", None, cell // 4, cell % 4, value=int(labels[index]), image_index=index)
+        self.objects.append(obj)
+        return obj
+
+    def add_random_shapes(self, n: int, colours=COLOUR_NAMES, shapes=SHAPES) -> list[Obj]:
+        return [self.add_shape(self._pick(shapes), self._pick(colours)) for _ in range(n)]
+
+    def _take(self, cell: int) -> int:
+        self.free.remove(cell)
+        return cell
+
+    def _pick(self, options):
+        return options[int(self.rng.integers(len(options)))]
+
+
+def _others(options, *exclude):
+    return tuple(o for o in options if o not in exclude)
+
+
+def _holds(a: Obj, relation: str, b: Obj) -> bool:
+    return {
+        "left of": a.col < b.col,
+        "right of": a.col > b.col,
+        "above": a.row < b.row,
+        "below": a.row > b.row,
+    }[relation]
+
+
+def _colour(s: _Scene):
+    shape = s._pick(SHAPES)
+    target = s.add_shape(shape, s._pick(COLOUR_NAMES))
+    s.add_random_shapes(int(s.rng.integers(1, 5)), shapes=_others(SHAPES, shape))
+    return f"What color is the {shape}?", target.colour, COLOUR_NAMES
+
+
+def _shape(s: _Scene):
+    colour = s._pick(COLOUR_NAMES)
+    target = s.add_shape(s._pick(SHAPES), colour)
+    s.add_random_shapes(int(s.rng.integers(1, 5)), colours=_others(COLOUR_NAMES, colour))
+    return f"What shape is the {colour} object?", target.kind, SHAPES
+
+
+def _counting(s: _Scene):
+    count = int(s.rng.integers(0, 5))
+    if s.rng.random() < 0.5:
+        colour = s._pick(COLOUR_NAMES)
+        s.add_random_shapes(count, colours=(colour,))
+        s.add_random_shapes(int(s.rng.integers(0 if count else 1, 4)), colours=_others(COLOUR_NAMES, colour))
+        question = f"How many {colour} objects are there?"
+    else:
+        shape = s._pick(SHAPES)
+        s.add_random_shapes(count, shapes=(shape,))
+        s.add_random_shapes(int(s.rng.integers(0 if count else 1, 4)), shapes=_others(SHAPES, shape))
+        question = f"How many {PLURALS[shape]} are there?"
+    return question, str(count), tuple(str(i) for i in range(7))
+
+
+def _position(s: _Scene):
+    colour, shape = s._pick(COLOUR_NAMES), s._pick(SHAPES)
+    target = s.add_shape(shape, colour)
+    s.add_random_shapes(int(s.rng.integers(0, 4)), colours=_others(COLOUR_NAMES, colour))
+    answer = QUADRANTS[2 * (target.row >= 2) + (target.col >= 2)]
+    return f"Where is the {colour} {shape}?", answer, QUADRANTS
+
+
+def _relation(s: _Scene):
+    ca, cb = (str(c) for c in s.rng.choice(COLOUR_NAMES, size=2, replace=False))
+    relation = s._pick(RELATIONS)
+    horizontal = relation in ("left of", "right of")
+    while True:  # the two objects must differ along the asked axis
+        cells = [int(c) for c in s.rng.choice(16, size=2, replace=False)]
+        a, b = (divmod(c, 4) for c in cells)
+        if (a[1] != b[1]) if horizontal else (a[0] != b[0]):
+            break
+    obj_a = s.add_shape(s._pick(SHAPES), ca, cells[0])
+    obj_b = s.add_shape(s._pick(SHAPES), cb, cells[1])
+    s.add_random_shapes(int(s.rng.integers(0, 3)), colours=_others(COLOUR_NAMES, ca, cb))
+    answer = "yes" if _holds(obj_a, relation, obj_b) else "no"
+    return f"Is the {obj_a.name} {relation} the {obj_b.name}?", answer, ("yes", "no")
+
+
+def _digit(s: _Scene):
+    target = s.add_digit()
+    s.add_random_shapes(int(s.rng.integers(0, 3)))
+    return "What digit is shown?", str(target.value), tuple(str(i) for i in range(10))
+
+
+def _count_relation(s: _Scene):
+    colour = s._pick(COLOUR_NAMES)
+    ref = s.add_shape(s._pick(SHAPES), colour)
+    others = s.add_random_shapes(int(s.rng.integers(1, 7)), colours=_others(COLOUR_NAMES, colour))
+    relation = s._pick(RELATIONS)
+    count = sum(_holds(o, relation, ref) for o in others)
+    return f"How many objects are {relation} the {ref.name}?", str(count), tuple(str(i) for i in range(7))
+
+
+def _digit_sum(s: _Scene):
+    a, b = s.add_digit(), s.add_digit()
+    s.add_random_shapes(int(s.rng.integers(0, 2)))
+    return "What is the sum of the two digits?", str(a.value + b.value), tuple(str(i) for i in range(19))
+
+
+GENERATORS: dict[str, Callable] = {
+    "colour": _colour,
+    "shape": _shape,
+    "counting": _counting,
+    "position": _position,
+    "relation": _relation,
+    "digit": _digit,
+    "count_relation": _count_relation,
+    "digit_sum": _digit_sum,
+}
+HINTS = {"digit": "The digits are handwritten.", "digit_sum": "The digits are handwritten."}
+NUMERIC = {"counting", "digit", "count_relation", "digit_sum"}
+
+
+def _choices(rng: np.random.Generator, category: str, answer: str, space: tuple[str, ...]):
+    """2-5 options holding the answer at a uniformly drawn position; numeric distractors lie near the answer."""
+    k = int(rng.integers(2, min(5, len(space)) + 1))
+    distractors = [o for o in space if o != answer]
+    if category in NUMERIC:
+        weights = np.array([1.0 / (abs(int(o) - int(answer)) ** 1.5) for o in distractors])
+    else:
+        weights = np.ones(len(distractors))
+    picked = rng.choice(len(distractors), size=k - 1, replace=False, p=weights / weights.sum())
+    options = [distractors[i] for i in picked]
+    position = int(rng.integers(k))
+    options.insert(position, answer)
+    return options, position
+
+
+def generate_split(split: str, n: int, seed: int) -> dict[str, list]:
+    """n records of one split; the same (split, n, seed) always gives the same records."""
+    offset = {"train": 0, "val": 1, "test": 2}[split]
+    rng = np.random.default_rng([seed, offset])
+    pool = "train" if split == "train" else "heldout"
+    categories = [CATEGORIES[i % len(CATEGORIES)] for i in rng.permutation(n)]
+    columns: dict[str, list] = {k: [] for k in FEATURES}
+    for i, category in enumerate(categories):
+        scene = _Scene(rng, pool)
+        question, answer, space = GENERATORS[category](scene)
+        choices, position = _choices(rng, category, answer, space)
+        columns["id"].append(f"toy-{split}-{i:06d}")
+        columns["image"].append(render(scene.objects, pool, rng))
+        columns["question"].append(question)
+        columns["choices"].append(choices)
+        columns["answer"].append(position)
+        columns["hint"].append(HINTS.get(category, ""))
+        columns["category"].append(category)
+        columns["split"].append(split)
+    return columns
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("EFFICIENTLLAVA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(root) / "efficientllava"
+
+
+def build_toy_benchmark(seed: int = 0, sizes: dict[str, int] | None = None, cache_dir: str | Path | None = None):
+    """The benchmark as a `datasets.DatasetDict`, cached on disk under a key of its seed, sizes and version."""
+    import datasets
+    from PIL import Image
+
+    sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
+    for split, n in sizes.items():
+        if split not in DEFAULT_SIZES:
+            raise ValueError(f"toy benchmark split {split!r} is unknown; expected one of {sorted(DEFAULT_SIZES)}")
+        if int(n) < 1:
+            raise ValueError(f"toy benchmark split {split!r} asks for {n} records; expected at least 1")
+    key = hashlib.sha1(json.dumps([BENCHMARK_VERSION, seed, sorted(sizes.items())]).encode()).hexdigest()[:12]
+    path = Path(cache_dir or default_cache_dir()) / f"toy_benchmark-{key}"
+    if (path / "dataset_dict.json").exists():
+        return datasets.load_from_disk(str(path))
+    splits = {}
+    for split, n in sizes.items():
+        columns = generate_split(split, int(n), seed)
+        columns["image"] = [Image.fromarray(a) for a in columns["image"]]
+        splits[split] = datasets.Dataset.from_dict(columns, features=FEATURES)
+    dataset = datasets.DatasetDict(splits)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    dataset.save_to_disk(str(tmp))  # written aside, then renamed: a crash never leaves a half-written cache
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished first
+        pass
+    log.info("toy benchmark (seed %d, %s) cached at %s", seed, sizes, path)
+    return datasets.load_from_disk(str(path))

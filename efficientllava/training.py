@@ -1,0 +1,62 @@
+"""LightningModule that trains a LLaVA on answer tokens (used to train the shipped toy from scratch)."""
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+
+from efficientllava.data.collate import Collator
+from efficientllava.evaluation import MODEL_INPUTS, AccuracyTally, letter_token_ids
+
+
+class LlavaTrainingModule(pl.LightningModule):
+    """Next-token loss on the answer (+EOS) only; AdamW with linear warm-up and cosine decay to zero.
+
+    Validation reports letter-format accuracy per category through the same code as the final evaluation.
+    """
+
+    def __init__(self, model, processor, categories, lr=2e-3, weight_decay=0.01, warmup_steps=100, grad_clip=1.0):
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.grad_clip = grad_clip
+        self.collator = Collator(processor)
+        self.letter_ids = letter_token_ids(processor.tokenizer)
+        self.tally = AccuracyTally(categories, modes=("letter",))
+        self.save_hyperparameters(ignore=["model", "processor"])
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**{k: batch[k] for k in MODEL_INPUTS}, labels=batch["labels"]).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+
+    def validation_step(self, records, batch_idx):
+        self.model.eval()
+        self.tally.update(self.model, self.collator, records, self.letter_ids)
+
+    def on_validation_epoch_end(self):
+        self.model.train()
+        for key, value in self.tally.compute(self).items():
+            self.log(f"val/{key}", float(value), prog_bar=key == "acc")
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            betas=(0.9, 0.98),
+        )
+        total = max(int(self.trainer.max_steps), 1)
+        warmup = self.warmup_steps
+
+        def schedule(step):
+            return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,81 @@
+import collections
+import re
+
+import numpy as np
+import pytest
+
+from efficientllava.data.prompts import build_prompt, build_target
+from efficientllava.data.schema import FEATURES
+from efficientllava.data.scenes import digit_pools
+from efficientllava.data.toy_benchmark import CATEGORIES, build_toy_benchmark, generate_split
+
+
+def test_same_seed_same_records_other_seed_other_records():
+    a, b, c = generate_split("val", 80, 0), generate_split("val", 80, 0), generate_split("val", 80, 1)
+    assert a["question"] == b["question"] and a["choices"] == b["choices"] and a["answer"] == b["answer"]
+    assert all(np.array_equal(x, y) for x, y in zip(a["image"], b["image"]))
+    assert a["question"] != c["question"]
+
+
+def test_splits_differ():
+    assert generate_split("val", 50, 0)["question"] != generate_split("test", 50, 0)["question"]
+
+
+def test_schema_and_cached_dataset(small_benchmark):
+    assert set(small_benchmark) == {"train", "val", "test"}
+    assert small_benchmark["test"].features == FEATURES
+    assert len(small_benchmark["test"]) == 160
+    row = small_benchmark["test"][0]
+    assert row["image"].size == (32, 32)
+    assert 2 <= len(row["choices"]) <= 5 and 0 <= row["answer"] < len(row["choices"])
+    assert row["split"] == "test"
+
+
+def test_cache_is_reused(small_benchmark, tmp_path):
+    first = build_toy_benchmark(3, {"val": 10}, cache_dir=tmp_path)
+    second = build_toy_benchmark(3, {"val": 10}, cache_dir=tmp_path)
+    assert first["val"]["question"] == second["val"]["question"]
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_every_category_present_and_balanced():
+    counts = collections.Counter(generate_split("test", 800, 0)["category"])
+    assert set(counts) == set(CATEGORIES)
+    assert all(v == 100 for v in counts.values())
+
+
+def test_correct_option_position_is_uniform():
+    cols = generate_split("train", 6000, 0)
+    by_k = collections.defaultdict(collections.Counter)
+    for choices, answer in zip(cols["choices"], cols["answer"]):
+        by_k[len(choices)][answer] += 1
+    for k, counts in by_k.items():
+        total = sum(counts.values())
+        assert set(counts) == set(range(k))
+        # chi-square with k-1 degrees of freedom, far below the 0.1% critical value (18.5 for k=5)
+        chi2 = sum((counts[i] - total / k) ** 2 / (total / k) for i in range(k))
+        assert chi2 < 18.5, (k, counts)
+
+
+def test_answer_never_leaks_into_the_prompt():
+    cols = generate_split("val", 400, 0)
+    for i in range(400):
+        record = {k: cols[k][i] for k in cols}
+        answer = build_target(record, "short")
+        prompt = build_prompt(record, "short")
+        assert not re.search(rf"\b{re.escape(answer)}\b", prompt.split("\n", 1)[1].rsplit("\n", 1)[0]), prompt
+        letter_prompt = build_prompt(record, "letter")
+        assert letter_prompt.count(answer) >= 1  # listed as an option, but never marked
+        assert "correct" not in letter_prompt.lower()
+
+
+def test_held_out_handwriting_is_disjoint_from_training():
+    pools = digit_pools()
+    train = {a.tobytes() for a in pools["train"][0]}
+    assert not any(a.tobytes() in train for a in pools["heldout"][0][:200])
+
+
+@pytest.mark.parametrize("sizes", [{"bogus": 3}, {"val": 0}])
+def test_bad_sizes(sizes, tmp_path):
+    with pytest.raises(ValueError, match="split"):
+        build_toy_benchmark(0, sizes, cache_dir=tmp_path)

@@ -1,0 +1,91 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from efficientllava.evaluation import MultipleChoiceEvaluator, evaluate, letter_token_ids
+from efficientllava.toy_model import build_processor
+
+
+class ConstantModel(torch.nn.Module):
+    """Predicts the same next-token distribution everywhere: a model 'forced' to answer one token."""
+
+    def __init__(self, vocab_size: int, token_id: int):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(vocab_size))
+        with torch.no_grad():
+            self.bias[token_id] = 10.0
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, **kwargs):
+        return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1))
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+@pytest.mark.parametrize("letter", ["A", "B", "C"])
+def test_model_forced_to_one_letter_scores_the_share_of_that_answer(processor, test_records, letter):
+    index = "ABCDE".index(letter)
+    model = ConstantModel(len(processor.tokenizer), letter_token_ids(processor.tokenizer)[index])
+    # records with too few options for that letter see equal logits for theirs: ties fall to "A"
+    hits = [r["answer"] == (index if len(r["choices"]) > index else 0) for r in test_records]
+    expected = 100.0 * sum(hits) / len(test_records)
+    result = evaluate(model, processor, test_records, mode="letter", batch_size=32)
+    assert result["acc"] == pytest.approx(expected)
+    assert 10 < expected < 60  # the check is not vacuous
+
+
+def test_letters_outside_a_records_choices_never_win(processor, test_records):
+    model = ConstantModel(len(processor.tokenizer), letter_token_ids(processor.tokenizer)[4])  # always "E"
+    five = [r for r in test_records if len(r["choices"]) == 5]
+    fewer = [r for r in test_records if len(r["choices"]) < 5]
+    expected = sum(r["answer"] == 4 for r in five) + sum(r["answer"] == 0 for r in fewer)  # ties fall to "A"
+    result = evaluate(model, processor, test_records, mode="letter")
+    assert result["acc"] == pytest.approx(100.0 * expected / len(test_records))
+
+
+def test_likelihood_mode_picks_the_favoured_answer(processor, test_records):
+    yes_id = processor.tokenizer.convert_tokens_to_ids("yes")
+    model = ConstantModel(len(processor.tokenizer), yes_id)
+    relation = [r for r in test_records if r["category"] == "relation"]
+    expected = 100.0 * sum(r["choices"][r["answer"]] == "yes" for r in relation) / len(relation)
+    result = evaluate(model, processor, relation, mode="likelihood")
+    assert result["acc"] == pytest.approx(expected)
+    assert 20 < expected < 80
+
+
+def test_per_category_breakdown(processor, test_records):
+    model = ConstantModel(len(processor.tokenizer), letter_token_ids(processor.tokenizer)[0])
+    result = evaluate(model, processor, test_records, mode="letter")
+    for category in {r["category"] for r in test_records}:
+        rows = [r for r in test_records if r["category"] == category]
+        assert result[f"acc/{category}"] == pytest.approx(100.0 * sum(r["answer"] == 0 for r in rows) / len(rows))
+
+
+def test_unknown_mode(processor, test_records):
+    model = ConstantModel(len(processor.tokenizer), 0)
+    with pytest.raises(ValueError, match="evaluation mode 'greedy' is unknown"):
+        evaluate(model, processor, test_records[:2], mode="greedy")
+    with pytest.raises(ValueError, match="evaluation mode 'greedy' is unknown"):
+        MultipleChoiceEvaluator(model, processor, ["colour"], modes=["greedy"])
+
+
+def test_lightning_evaluator_matches_the_function(processor, test_records):
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    model = ConstantModel(len(processor.tokenizer), letter_token_ids(processor.tokenizer)[1])
+    categories = sorted({r["category"] for r in test_records})
+    module = MultipleChoiceEvaluator(model, processor, categories)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(module, DataLoader(test_records, batch_size=50, collate_fn=list), verbose=False)
+    assert module.results["acc"] == pytest.approx(evaluate(model, processor, test_records)["acc"])
+    assert module.results["n"] == len(test_records)
+
+
+def test_shipped_toy_is_trained(toy, test_records):
+    model, processor = toy
+    result = evaluate(model, processor, test_records[:160], mode="letter")
+    assert result["acc"] >= 85.0
