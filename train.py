@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import efficientllava  # noqa: F401  (registers config resolvers)
 from efficientllava.evaluation import MultipleChoiceEvaluator
@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> dict:
     summary: dict = {"model": str(cfg.model.path) if cfg.eval_only else "toy (trained here)", "seed": cfg.seed}
     if not cfg.eval_only:
         start = time.perf_counter()
-        module = LlavaTrainingModule(model, processor, categories, **cfg.optim)
+        module = LlavaTrainingModule(model, processor, categories, **OmegaConf.to_container(cfg.optim, resolve=True))
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
         summary["train_seconds"] = round(time.perf_counter() - start, 1)
         with atomic_directory(cfg.save_dir) as tmp:

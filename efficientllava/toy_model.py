@@ -33,7 +33,7 @@ def toy_corpus() -> list[str]:
     text = ["USER: <image>", "ASSISTANT:", "Context:", *INSTRUCTIONS.values(), *HINTS.values()]
     text += [f"{letter}." for letter in LETTERS]
     text += [str(i) for i in range(19)] + list(QUADRANTS) + ["yes no", "What digit is shown?"]
-    text += ["What is the sum of the two digits?"]
+    text += ["What is the sum of the two digits?", "empty , digit"]
     names = [f"{c} {s}" for c in COLOURS for s in SHAPES]
     for colour in COLOURS:
         text += [f"What shape is the {colour} object?", f"How many {colour} objects are there?"]
@@ -68,6 +68,17 @@ def build_tokenizer():
     )
 
 
+# The toy's chat template puts the image after the user's text, one of the two layouts of LLaVA's instruction data:
+# image tokens can then attend to the question, which a model this small needs to learn the tasks in minutes.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %} <image>{% endif %}{% endfor %}"
+    "{% else %} ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+
 def build_processor():
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -84,6 +95,7 @@ def build_processor():
         patch_size=CELL,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
 
 

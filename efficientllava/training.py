@@ -6,8 +6,19 @@ import math
 import pytorch_lightning as pl
 import torch
 
-from efficientllava.data.collate import Collator
+from efficientllava.data.collate import IGNORE, Collator
 from efficientllava.evaluation import MODEL_INPUTS, AccuracyTally, letter_token_ids
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged over each sample's labelled tokens, so a long caption counts as much as
+    a one-letter answer (a token-mean would let captions dominate the batch)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE
+    token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.clamp(min=0).reshape(-1), reduction="none"
+    ).view(labels.shape)
+    return (token * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 class LlavaTrainingModule(pl.LightningModule):
@@ -16,20 +27,32 @@ class LlavaTrainingModule(pl.LightningModule):
     Validation reports letter-format accuracy per category through the same code as the final evaluation.
     """
 
-    def __init__(self, model, processor, categories, lr=2e-3, weight_decay=0.01, warmup_steps=100, grad_clip=1.0):
+    def __init__(
+        self, model, processor, categories, lr=1e-3, weight_decay=0.0, warmup_steps=50, grad_clip=1.0, betas=(0.9, 0.999)
+    ):
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
-        self.grad_clip = grad_clip
+        self.grad_clip, self.betas = grad_clip, tuple(betas)
         self.collator = Collator(processor)
         self.letter_ids = letter_token_ids(processor.tokenizer)
         self.tally = AccuracyTally(categories, modes=("letter",))
         self.save_hyperparameters(ignore=["model", "processor"])
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**{k: batch[k] for k in MODEL_INPUTS}, labels=batch["labels"]).loss
+        logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+        loss = per_sample_loss(logits, batch["labels"]).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_train_start(self):
+        self.on_train_batch_end(None, None, 0)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # the next batch's answer formats follow the curriculum at the next optimisation step
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "curriculum"):
+            datamodule.curriculum.step = self.global_step
 
     def on_before_optimizer_step(self, optimizer):
         if self.grad_clip:
@@ -50,7 +73,7 @@ class LlavaTrainingModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr,
-            betas=(0.9, 0.98),
+            betas=self.betas,
         )
         total = max(int(self.trainer.max_steps), 1)
         warmup = self.warmup_steps

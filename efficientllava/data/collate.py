@@ -6,9 +6,10 @@ logits at its last position). Sequences are right-padded; `last_index` marks eac
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from efficientllava.data.prompts import build_prompt, build_target
+from efficientllava.data.prompts import build_prompt, build_target, wrap_prompt
 from efficientllava.data.schema import check_record, decode_image
 
 IGNORE = -100
@@ -28,9 +29,9 @@ class Collator:
             for record in records:
                 check_record(record)
         images = [decode_image(r) for r in records]
-        prompts = [build_prompt(r, f, self.image_token) for r, f in zip(records, formats)]
+        prompts = [wrap_prompt(self.processor, build_prompt(r, f), self.image_token) for r, f in zip(records, formats)]
         enc = self.processor(images=images, text=prompts, return_tensors=None, padding=False)
-        return enc["input_ids"], torch.as_tensor(enc["pixel_values"])
+        return enc["input_ids"], torch.as_tensor(np.stack(enc["pixel_values"]))
 
     def _pad(self, seqs: list[list[int]], value: int) -> torch.Tensor:
         width = max(len(s) for s in seqs)

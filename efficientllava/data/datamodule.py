@@ -9,18 +9,31 @@ from efficientllava.data.collate import Collator
 from efficientllava.data.prompts import check_format
 
 
-class MixedFormatDataset(Dataset):
-    """Each record once per training format: index i reads record i % n in format i // n."""
+class FormatCurriculum:
+    """Which answer format each training sample uses, by optimisation step: `stages` is a list of
+    (first_step, {format: weight}); a sample's format is drawn from the stage in force, seeded by (seed, step).
 
-    def __init__(self, records, formats):
-        self.records, self.formats = records, [check_format(f) for f in formats]
+    Short answers are learned much faster than letters (the letter format needs the answer first), so the toy is
+    trained on short answers alone before the lettered multiple choice joins."""
 
-    def __len__(self):
-        return len(self.records) * len(self.formats)
+    def __init__(self, stages, seed: int = 0):
+        parsed = []
+        for first_step, weights in stages:
+            weights = {check_format(f): float(w) for f, w in dict(weights).items()}
+            if not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+                raise ValueError(f"format weights {weights} at step {first_step}; expected non-negative, not all 0")
+            parsed.append((int(first_step), weights))
+        if not parsed or parsed[0][0] != 0:
+            raise ValueError("the format curriculum must start at step 0")
+        self.stages, self.seed, self.step = sorted(parsed, key=lambda x: x[0]), seed, 0
 
-    def __getitem__(self, i):
-        n = len(self.records)
-        return self.records[i % n], self.formats[i // n]
+    def formats(self, n: int) -> list[str]:
+        weights = [w for first, w in self.stages if first <= self.step][-1]
+        names = list(weights)
+        probs = torch.tensor([weights[k] for k in names])
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        picks = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)
+        return [names[i] for i in picks.tolist()]
 
 
 class RecordList(Dataset):
@@ -48,7 +61,7 @@ class BenchmarkDataModule(pl.LightningDataModule):
         processor=None,
         batch_size: int = 64,
         eval_batch_size: int = 64,
-        train_formats=("short", "letter"),
+        train_formats=((0, {"short": 1.0, "letter": 1.0}),),
         val_split: str = "val",
         test_split: str = "test",
         n_val: int | None = 256,
@@ -59,7 +72,7 @@ class BenchmarkDataModule(pl.LightningDataModule):
         super().__init__()
         self.build, self.processor = build, processor
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.train_formats = list(train_formats)
+        self.curriculum = FormatCurriculum(train_formats, seed)
         self.val_split, self.test_split = val_split, test_split
         self.n_val, self.n_test = n_val, n_test
         self.num_workers, self.seed = num_workers, seed
@@ -84,16 +97,16 @@ class BenchmarkDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         if self.processor is None:
             raise ValueError("BenchmarkDataModule needs a processor to build training batches")
-        collator = Collator(self.processor)
-        data = MixedFormatDataset(self.split("train"), self.train_formats)
+        collator, curriculum = Collator(self.processor), self.curriculum
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            data,
+            RecordList(self.split("train")),
             batch_size=self.batch_size,
             shuffle=True,
+            drop_last=True,
             generator=generator,
-            num_workers=self.num_workers,
-            collate_fn=lambda items: collator.answers([r for r, _ in items], [f for _, f in items]),
+            num_workers=0,  # the format curriculum reads the current step in this process
+            collate_fn=lambda records: collator.answers(records, curriculum.formats(len(records))),
         )
 
     def _records(self, split, limit):

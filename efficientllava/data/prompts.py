@@ -4,10 +4,12 @@ from __future__ import annotations
 LETTERS = "ABCDE"
 SHORT = "short"
 LETTER = "letter"
-FORMATS = (SHORT, LETTER)
+DESCRIBE = "describe"  # training only: caption the image (the record's `lecture`), LLaVA's stage-1 alignment task
+FORMATS = (SHORT, LETTER, DESCRIBE)
 INSTRUCTIONS = {
     SHORT: "Answer the question using a single word or phrase.",
     LETTER: "Answer with the option's letter from the given choices directly.",
+    DESCRIBE: "Describe the image.",
 }
 
 
@@ -17,20 +19,41 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
-def build_prompt(record: dict, fmt: str, image_token: str = "<image>") -> str:
-    """The user turn up to 'ASSISTANT:'; the letter format lists the options, the short format does not."""
+LLAVA15_TEMPLATE = "USER: {image}\n{text} ASSISTANT:"
+
+
+def build_prompt(record: dict, fmt: str) -> str:
+    """The user's text: context, question, lettered options (letter format only) and the format's instruction.
+
+    Where the image goes is the model's business: `wrap_prompt` applies the processor's chat template.
+    """
     check_format(fmt)
-    lines = [f"USER: {image_token}"]
+    if fmt == DESCRIBE:
+        return INSTRUCTIONS[DESCRIBE]
+    lines = []
     if record.get("hint"):
         lines.append(f"Context: {record['hint']}")
     lines.append(record["question"])
     if fmt == LETTER:
         lines += [f"{LETTERS[i]}. {choice}" for i, choice in enumerate(record["choices"])]
-    lines.append(INSTRUCTIONS[fmt] + " ASSISTANT:")
+    lines.append(INSTRUCTIONS[fmt])
     return "\n".join(lines)
+
+
+def wrap_prompt(processor, text: str, image_token: str = "<image>") -> str:
+    """One user turn holding an image and `text`, up to the assistant's answer, in the processor's chat template
+    (LLaVA-1.5's 'USER: <image>\\n... ASSISTANT:' when it has none)."""
+    if getattr(processor, "chat_template", None):
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    return LLAVA15_TEMPLATE.format(image=image_token, text=text)
 
 
 def build_target(record: dict, fmt: str) -> str:
     """What the assistant should answer: the option's letter, or the option's text."""
     check_format(fmt)
+    if fmt == DESCRIBE:
+        if not record.get("lecture"):
+            raise ValueError(f"record {record.get('id')!r} has no lecture to train the describe format on")
+        return record["lecture"]
     return LETTERS[record["answer"]] if fmt == LETTER else record["choices"][record["answer"]]

@@ -84,3 +84,12 @@ def render(objects: list[Obj], pool: str, rng: np.random.Generator) -> np.ndarra
             cell = canvas[y : y + CELL, x : x + CELL]
             cell[SHAPE_MASKS[obj.kind]] = colour.astype(np.uint8)
     return canvas
+
+
+def describe(objects: list[Obj]) -> str:
+    """The scene cell by cell in reading order ("empty", "red circle", "digit 7", ...): a dense caption used as
+    the stage-1 alignment target when training the toy, as LLaVA pre-aligns its projector on captions."""
+    cells = ["empty"] * (GRID * GRID)
+    for obj in objects:
+        cells[obj.row * GRID + obj.col] = f"digit {obj.value}" if obj.kind == "digit" else obj.name
+    return " , ".join(cells)

@@ -14,11 +14,13 @@ FEATURES = datasets.Features(
         "choices": datasets.Sequence(datasets.Value("string")),
         "answer": datasets.Value("int64"),
         "hint": datasets.Value("string"),
+        "lecture": datasets.Value("string"),  # optional background text; the toy's describes the scene
         "category": datasets.Value("string"),
         "split": datasets.Value("string"),
     }
 )
-REQUIRED = tuple(FEATURES)
+OPTIONAL = ("lecture",)
+REQUIRED = tuple(f for f in FEATURES if f not in OPTIONAL)
 MIN_CHOICES, MAX_CHOICES = 2, 5
 
 

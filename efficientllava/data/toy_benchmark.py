@@ -16,12 +16,12 @@ from typing import Callable
 
 import numpy as np
 
-from efficientllava.data.scenes import COLOURS, PLURALS, SHAPES, Obj, digit_pools, render
+from efficientllava.data.scenes import COLOURS, PLURALS, SHAPES, Obj, describe, digit_pools, render
 from efficientllava.data.schema import FEATURES
 
 log = logging.getLogger(__name__)
 
-BENCHMARK_VERSION = 1
+BENCHMARK_VERSION = 2
 CATEGORIES = ("colour", "shape", "counting", "position", "relation", "digit", "count_relation", "digit_sum")
 DEFAULT_SIZES = {"train": 30000, "val": 1000, "test": 2000}
 RELATIONS = ("left of", "right of", "above", "below")
@@ -195,6 +195,7 @@ def generate_split(split: str, n: int, seed: int) -> dict[str, list]:
         columns["choices"].append(choices)
         columns["answer"].append(position)
         columns["hint"].append(HINTS.get(category, ""))
+        columns["lecture"].append(describe(scene.objects))
         columns["category"].append(category)
         columns["split"].append(split)
     return columns

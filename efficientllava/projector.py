@@ -1,0 +1,163 @@
+"""Search-space evolution: train only the multi-modal projector to raise the accuracy of the best pruned models.
+
+EfficientLLaVA optimizes the projector (LLaVA's 2-layer MLP connector) so that the upper bound of performance over
+the search space rises; over all policies that is out of reach, so it is approximated by the current top-k policies:
+
+    loss(projector) = 1/k * sum_{p in top-k} LM answer loss of the model pruned by p, on the N search samples.
+
+`ProjectorTuner` is a LightningModule with manual optimization: in each step it assembles every top-k policy from
+the bank in turn (no pruning call), runs forward + backward of its share of the loss, then takes one optimizer step
+on the projector's parameters. Everything else is frozen (requires_grad off), the dense weights are restored when
+training ends and the original requires_grad flags come back. Nothing is random (no shuffling, no dropout: the model
+stays in eval mode), so a round gives the same projector on every run on the same machine.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from efficientllava.evaluation import MODEL_INPUTS
+from efficientllava.pruning.layers import PROJECTOR
+
+log = logging.getLogger(__name__)
+
+
+def projector_module(model) -> torch.nn.Module:
+    """The multi-modal projector (`multi_modal_projector` or `mm_projector`) of a LLaVA."""
+    for name, module in model.named_modules():
+        if name and PROJECTOR.search(name) and not PROJECTOR.search(name.rsplit(".", 1)[0]):
+            return module
+    raise ValueError("the model has no multi-modal projector (no module named multi_modal_projector or "
+                     "mm_projector); expected a LLaVA")
+
+
+def projector_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in projector_module(model).state_dict().items()}
+
+
+def load_projector_state(model, state: dict[str, torch.Tensor]) -> None:
+    projector_module(model).load_state_dict(state)
+
+
+def save_projector(path: str | Path, model) -> Path:
+    """Write the projector's weights (safetensors) through a temporary file and an atomic rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in projector_state(model).items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def load_projector(path: str | Path, model) -> None:
+    from safetensors.torch import load_file
+
+    load_projector_state(model, load_file(str(path)))
+
+
+class _Batches(Dataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+class ProjectorTuner(pl.LightningModule):
+    """Trains the projector on the answer loss averaged over `policies` assembled from `bank`."""
+
+    def __init__(self, model, bank, policies: list[dict], batches: list[dict], lr: float = 1e-3,
+                 weight_decay: float = 0.0):
+        super().__init__()
+        if not policies:
+            raise ValueError("the projector round was given no policies; expected the top-k candidates")
+        if not batches:
+            raise ValueError("the projector round was given no batches; expected the search samples")
+        self.model, self.bank = model, bank
+        self.policies, self.batches = list(policies), list(batches)
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.automatic_optimization = False
+        self.losses: list[float] = []
+        self._flags: dict[str, bool] = {}
+
+    def projector_parameters(self):
+        return list(projector_module(self.model).parameters())
+
+    def freeze_all_but_projector(self) -> None:
+        self._flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        trainable = {id(p) for p in self.projector_parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    def unfreeze(self) -> None:
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self._flags.get(n, p.requires_grad))
+
+    def on_fit_start(self):
+        self.freeze_all_but_projector()
+
+    def on_fit_end(self):
+        self.bank.restore(self.model)
+        self.unfreeze()
+
+    def training_step(self, batch, batch_idx):
+        self.model.eval()  # no dropout: the round is deterministic
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        total = 0.0
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        for policy in self.policies:
+            self.bank.assemble(self.model, policy)
+            loss = self.model(**inputs, labels=batch["labels"]).loss / len(self.policies)
+            self.manual_backward(loss)
+            total += float(loss.detach())
+        optimizer.step()
+        self.losses.append(total)
+        self.log("projector/loss", total, prog_bar=True)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.projector_parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def train_dataloader(self):
+        return DataLoader(_Batches(self.batches), batch_size=None, shuffle=False)
+
+
+def train_projector(model, bank, policies: list[dict], batches: list[dict], steps: int = 10, lr: float = 1e-3,
+                    weight_decay: float = 0.0, logger=False) -> list[float]:
+    """One projector round under a Lightning Trainer; returns the loss per step. The model ends dense."""
+    if steps < 1:
+        return []
+    device = next(model.parameters()).device
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    module = ProjectorTuner(model, bank, policies, batches, lr, weight_decay)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        max_steps=int(steps),
+        max_epochs=-1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    try:
+        trainer.fit(module)
+    finally:  # also after an error: dense weights and the original requires_grad flags come back
+        model.to(device)  # Lightning's teardown moves the module to the CPU
+        bank.restore(model)
+        if module._flags:
+            module.unfreeze()
+        model.eval()
+    return module.losses

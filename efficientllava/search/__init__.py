@@ -1,0 +1,1 @@
+"""The auto-pruning search: settings, fitness, evolution, baselines, trial store, Pareto front, the run loop."""

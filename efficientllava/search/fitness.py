@@ -1,0 +1,156 @@
+"""Fitness of a candidate policy: task score on the N search samples minus eta times a generalization term.
+
+    fitness = acc - eta * G,    G = sum_l log(||M_l * W_l||_F / ||W_l||_F)
+
+`acc` is the letter-scoring accuracy on the search samples as a fraction in [0, 1]. G is the log of the
+norm-based Rademacher-complexity bound of the pruned network (C * prod_l ||W_l||_F / sqrt(N); Neyshabur et al. 2015,
+Golowich et al. 2018) relative to the dense network, over the searched layers (the other layers are unchanged and
+cancel). The bound's constant and -1/2 log N are the same for every candidate at fixed N, so they are dropped.
+M_l * W_l is the weight the bank assembles (for SparseGPT banks it includes the weight update). G <= 0 for masks and
+falls as sparsity rises, so the budget is enforced by `SearchSpace.repair`, not by the fitness; see docs/method.md.
+
+The task score runs one forward over the pre-collated search samples with the candidate assembled from the bank, and
+reads the logits of the option letters at each prompt's last position (as `evaluation.predict_letter` does, but
+applying the LM head to those positions only).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from efficientllava.data.collate import Collator
+from efficientllava.data.prompts import LETTER, LETTERS
+from efficientllava.evaluation import MODEL_INPUTS, letter_token_ids
+from efficientllava.pruning.bank import DENSE, choice_key
+
+
+def check_eta(eta) -> float:
+    eta = float(eta)
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"search.eta is {eta}; expected eta >= 0 (0 disables the generalization term)")
+    return eta
+
+
+def fitness(acc: float, generalization: float, eta: float) -> float:
+    """acc in [0, 1]; generalization = G (<= 0 for masks). Larger is better."""
+    return acc - eta * generalization
+
+
+# ---- generalization term ----------------------------------------------------------------------------------------
+def log_norm_table(bank) -> dict[str, dict[str, float]]:
+    """{layer: {choice key: log(||W_choice||_F / ||W_dense||_F)}} for every layer and choice of the bank."""
+    table = {}
+    for name in bank.shapes:
+        dense = bank.weight(name, 0.0).float()
+        base = torch.linalg.vector_norm(dense).item()
+        row = {DENSE: 0.0}
+        for key in bank.choices:
+            norm = torch.linalg.vector_norm(bank.weight(name, key).float()).item()
+            row[key] = math.log(max(norm, 1e-30) / max(base, 1e-30))
+        table[name] = row
+    return table
+
+
+def generalization_term(table: dict[str, dict[str, float]], ratios: dict) -> float:
+    """G of a policy (per-layer ratios) from the table."""
+    total = 0.0
+    for name, value in ratios.items():
+        key = choice_key(value)
+        if key not in table[name]:
+            raise KeyError(f"layer {name!r}: choice {key!r} is not in the generalization table; "
+                           f"expected one of the bank's choices {sorted(table[name])}")
+        total += table[name][key]
+    return total
+
+
+# ---- task score -------------------------------------------------------------------------------------------------
+@dataclass
+class SearchSamples:
+    """The N search samples as pre-collated letter-format prompt batches, plus what scoring needs."""
+
+    batches: list[dict]
+    answers: list[torch.Tensor]
+    n_choices: list[torch.Tensor]
+    letter_ids: list[int]
+    categories: list[str]
+
+    @classmethod
+    def build(cls, records, processor, batch_size: int = 64) -> "SearchSamples":
+        collator = Collator(processor)
+        batches, answers, n_choices, categories = [], [], [], []
+        for start in range(0, len(records), batch_size):
+            chunk = list(records[start : start + batch_size])
+            batches.append(collator.prompts(chunk, [LETTER] * len(chunk)))
+            answers.append(torch.tensor([r["answer"] for r in chunk]))
+            n_choices.append(torch.tensor([len(r["choices"]) for r in chunk]))
+            categories += [r["category"] for r in chunk]
+        return cls(batches, answers, n_choices, letter_token_ids(processor.tokenizer), categories)
+
+    def __len__(self) -> int:
+        return sum(len(a) for a in self.answers)
+
+
+@torch.no_grad()
+def letter_predictions(model, samples: SearchSamples) -> torch.Tensor:
+    """Predicted option index per sample (only each sample's own letters compete)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    preds = []
+    for batch, n_choices in zip(samples.batches, samples.n_choices):
+        hidden = model.model(**{k: batch[k].to(device) for k in MODEL_INPUTS}).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=device)
+        last = hidden[rows, batch["last_index"].to(device)]
+        logits = model.lm_head(last)[:, samples.letter_ids].float()
+        too_many = torch.arange(len(LETTERS), device=device)[None, :] >= n_choices.to(device)[:, None]
+        logits[too_many] = float("-inf")
+        preds.append(logits.argmax(-1).cpu())
+    model.train(was_training)
+    return torch.cat(preds)
+
+
+def letter_accuracy(model, samples: SearchSamples) -> float:
+    """Accuracy in % on the search samples."""
+    hits = letter_predictions(model, samples) == torch.cat(samples.answers)
+    return 100.0 * hits.float().mean().item()
+
+
+def forward_seconds(model, samples: SearchSamples, repeats: int = 3) -> float:
+    """Median wall time of one scoring forward over all the search samples."""
+    times = []
+    for _ in range(max(repeats, 1)):
+        _sync(model)
+        start = time.perf_counter()
+        letter_predictions(model, samples)
+        _sync(model)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _sync(model):
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class FitnessEvaluator:
+    """Assemble a policy from the bank, score it on the search samples, add the generalization term."""
+
+    def __init__(self, model, bank, samples: SearchSamples, eta: float):
+        self.model, self.bank, self.samples = model, bank, samples
+        self.eta = check_eta(eta)
+        self.table = log_norm_table(bank)
+
+    def generalization(self, ratios: dict) -> float:
+        return generalization_term(self.table, ratios)
+
+    def __call__(self, ratios: dict) -> dict:
+        start = time.perf_counter()
+        self.bank.assemble(self.model, ratios)
+        acc = letter_accuracy(self.model, self.samples)
+        g = self.generalization(ratios)
+        return {"acc": acc, "G": g, "fitness": fitness(acc / 100.0, g, self.eta),
+                "seconds": time.perf_counter() - start}

@@ -1,0 +1,390 @@
+"""One search run from start to finish; `search.py` calls `run_search(cfg, run_dir)`.
+
+1. Check the settings, load the model and the data, build the search space, open the trial store: every input that
+   cannot work raises here, before any pruning or evaluation.
+2. Dense reference: accuracy on the search samples and the held-out split, forward time, FLOP profile.
+3. The bank: every searched layer pruned once at every choice (Wanda, one-shot, on the N search samples).
+4. The strategy: evolution (with projector rounds), or a baseline (uniform, OWL, ECoFLaP, random). Each candidate is
+   assembled from the bank and scored with one forward over the N samples; each is an Optuna trial in the store.
+5. The best candidate's ratios are pruned for real (SparseGPT, sequential, with the final projector), evaluated on the
+   held-out split and timed against the dense weights; the outputs are written atomically.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from efficientllava.data.collate import Collator
+from efficientllava.data.prompts import LETTER
+from efficientllava.logging_setup import build_loggers
+from efficientllava.models import load_from_config
+from efficientllava.outputs import atomic_directory, write_json
+from efficientllava.policy import ModelIdentity, Policy, PolicyMismatchError, SearchSpace
+from efficientllava.projector import load_projector, save_projector, train_projector
+from efficientllava.pruning import PruningBank, get_linear, prune_model, pruner_options, select_from_config, sparsity
+from efficientllava.search import baselines
+from efficientllava.search.evolution import rank, run_evolution
+from efficientllava.search.fitness import FitnessEvaluator, SearchSamples, forward_seconds, letter_predictions
+from efficientllava.search.pareto import mark_front, plot_front
+from efficientllava.search.settings import SearchSettings, SettingsError, read_settings
+from efficientllava.search.tracking import SearchTracker
+from efficientllava.search.trials import TrialStore, sqlite_url
+from efficientllava.speed import ESTIMATE_HOW, ESTIMATED, estimated_speedup, flop_profile, measure_speedup
+
+log = logging.getLogger("search")
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------------
+def load_records(cfg, settings: SearchSettings, processor):
+    """(search records, held-out records): the first N of the search split, the first n_heldout of the other."""
+    datamodule = instantiate(cfg.data, processor=processor)
+    search_split = datamodule.split(settings.search_split)
+    if settings.n_search > len(search_split):
+        raise SettingsError(f"n_search is {settings.n_search}; expected at most the size of the search split "
+                            f"'{settings.search_split}' ({len(search_split)} records)")
+    heldout_split = datamodule.split(settings.heldout_split)
+    n_heldout = len(heldout_split) if settings.n_heldout is None else min(settings.n_heldout, len(heldout_split))
+    search = [search_split[i] for i in range(settings.n_search)]
+    heldout = [heldout_split[i] for i in range(n_heldout)]
+    return search, heldout
+
+
+def answer_batches(records, processor, batch_size: int) -> list[dict]:
+    """Prompt + gold letter + EOS batches (labels on the answer): calibration, projector and ECoFLaP losses."""
+    collator = Collator(processor)
+    return [collator.answers(records[i : i + batch_size], [LETTER] * len(records[i : i + batch_size]))
+            for i in range(0, len(records), batch_size)]
+
+
+def accuracy_by_category(model, samples: SearchSamples) -> dict:
+    hits = (letter_predictions(model, samples) == torch.cat(samples.answers)).tolist()
+    per = defaultdict(list)
+    for category, hit in zip(samples.categories, hits):
+        per[category].append(hit)
+    return {"acc": 100.0 * sum(hits) / max(len(hits), 1),
+            "per_category": {c: round(100.0 * sum(v) / len(v), 2) for c, v in sorted(per.items())}}
+
+
+# ---- the run ------------------------------------------------------------------------------------------------------
+class SearchRun:
+    def __init__(self, cfg, run_dir: str | Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.settings = read_settings(cfg)  # config-only checks first: nothing is loaded yet
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.perf_counter()
+
+    # 1. everything that can be wrong, before any work
+    def prepare(self) -> None:
+        s, cfg = self.settings, self.cfg
+        self.model, self.processor = load_from_config(cfg.model)
+        self.model_path = str(cfg.model.path)
+        self.identity = ModelIdentity.of(self.model, self.model_path)
+        self.search_records, self.heldout_records = load_records(cfg, s, self.processor)
+        self.layers = select_from_config(self.model, cfg.bank.get("layers"))
+        if not self.layers:
+            raise SettingsError(f"bank.layers selects no layer of '{self.model_path}'; expected at least one "
+                                "prunable linear layer (see efficientllava/pruning/layers.py)")
+        self.names = list(self.layers)
+        projector_layers = [n for n, i in self.layers.items() if i.component == "projector"]
+        if projector_layers and s.projector.enabled:
+            raise SettingsError(
+                f"bank.layers selects projector layer {projector_layers[0]!r} while search.projector.enabled is "
+                "true; expected one or the other (the bank would overwrite the trained projector): drop "
+                "'projector' from bank.layers.components or set search.projector.enabled=false")
+        self.space = SearchSpace(self.layers, s.choices, s.granularity, s.target, s.tolerance)
+        self.strategy_space = (baselines.block_space(self.space) if s.strategy in ("owl", "ecoflap")
+                               else self.space)
+        self.seeds = []
+        if s.init_policy:
+            policy = Policy.load(s.init_policy, self.model, self.model_path)
+            missing = [n for n in self.names if n not in policy.ratios]
+            if missing:
+                raise PolicyMismatchError(f"policy file '{s.init_policy}' has no ratio for searched layer "
+                                          f"{missing[0]!r}; expected a policy over the same layers (bank.layers)")
+            self.seeds = [self.space.from_ratios(policy.ratios)]
+        self.bank_options = pruner_options(cfg.bank)
+        self.final_options = pruner_options(cfg.final)
+        fingerprint = s.fingerprint({
+            "model": self.identity.hash, "layers": len(self.names), "bank": self.bank_options["method"],
+            "data_seed": OmegaConf.select(cfg, "data.build.seed", default=None),
+        })
+        url = s.storage or sqlite_url(self.run_dir)
+        study = self.cfg.search.get("study_name") or s.strategy
+        self.store = TrialStore(url, study, [g.name for g in self.strategy_space.groups],
+                                self.strategy_space.n_choices, fingerprint, s.shared, s.claim_timeout_s)
+        self.tracker = SearchTracker(build_loggers(cfg.get("logger")),
+                                     OmegaConf.to_container(cfg.search, resolve=True))
+
+    # 2. dense reference and 3. the bank
+    def reference(self) -> None:
+        s, model = self.settings, self.model
+        self.samples = SearchSamples.build(self.search_records, self.processor, s.eval_batch_size)
+        self.heldout = SearchSamples.build(self.heldout_records, self.processor, s.eval_batch_size)
+        self.calib_batches = answer_batches(self.search_records, self.processor, int(self.cfg.bank.batch_size))
+        self.loss_batches = answer_batches(self.search_records, self.processor, s.projector.batch_size)
+        self.dense_search = accuracy_by_category(model, self.samples)
+        self.dense_heldout = accuracy_by_category(model, self.heldout)
+        self.dense_seconds = forward_seconds(model, self.samples, repeats=3)
+        self.profile = flop_profile(model, self.samples, self.names)
+        start = time.perf_counter()
+        o = self.bank_options
+        self.bank = PruningBank.build(model, self.names, s.choices, o["method"], self.calib_batches,
+                                      mode=self.cfg.bank.get("mode", "weights"),
+                                      directory=self.cfg.bank.get("directory"), blocksize=o["blocksize"],
+                                      damp=o["damp"], offload=o["offload"])
+        self.evaluator = FitnessEvaluator(model, self.bank, self.samples, s.eta)
+        self.bank_seconds = time.perf_counter() - start
+        log.info("dense: %.2f%% on %d search samples, %.2f%% held-out; bank built in %.1fs",
+                 self.dense_search["acc"], len(self.samples), self.dense_heldout["acc"], self.bank_seconds)
+
+    # 4. the strategy
+    def evaluate_generation(self, generation: int, genomes: list, projector_round: int = 0) -> list[dict]:
+        space, s = self.strategy_space, self.settings
+        items = [(f"{s.strategy}/r{projector_round}/{space.key(g)}", g,
+                  {"generation": generation, "slot": i, "projector_round": projector_round, "strategy": s.strategy})
+                 for i, g in enumerate(genomes)]
+
+        def evaluate(genome):
+            result = self.evaluator(space.ratios(genome))
+            result["sparsity"] = space.sparsity(genome)
+            return result
+
+        records = self.store.evaluate_all(items, evaluate)
+        out = []
+        for i, record in enumerate(records):  # the position in this generation, not where it was first seen
+            out.append({**record, "slot": i, "generation": generation})
+            self.seen[record["id"]] = record
+        return out
+
+    def track(self, generation: int, records: list[dict]) -> None:
+        rows = self.rows()
+        best = rank(records)[0]
+        self.tracker.generation(generation, rows, {**best, "search_acc": best["acc"]})
+
+    def run_strategy(self) -> None:
+        s = self.settings
+        self.seen: dict[int, dict] = {}
+        self.heldout_acc: dict[int, float] = {}
+        self.rounds: list[dict] = []
+        self.current_round = 0
+        start = time.perf_counter()
+        if s.strategy == "evolution":
+            history = run_evolution(self.space, s.evolution,
+                                    lambda g, genomes: self.evaluate_generation(g, genomes, self.current_round),
+                                    before_generation=self.projector_round, on_generation=self.track,
+                                    seeds=self.seeds)
+            self.final_candidates = rank(history[-1])
+            self.allocation = {}
+        else:
+            if s.strategy == "uniform":
+                genomes, self.allocation = baselines.uniform_genomes(self.space), {}
+            elif s.strategy == "random":
+                genomes = baselines.random_genomes(self.space, s.options["n_candidates"], s.seed)
+                self.allocation = {}
+            elif s.strategy == "owl":
+                genomes, self.allocation = baselines.owl_genomes(self.model, self.strategy_space,
+                                                                 self.calib_batches, s.options["M"],
+                                                                 s.options["lam"])
+            else:
+                genomes, self.allocation = baselines.ecoflap_genomes(
+                    self.model, self.strategy_space, self.loss_batches, s.options["eps"],
+                    s.options["directions"], s.options["s_max_offset"], s.seed)
+            if self.strategy_space is self.space:
+                genomes = [*genomes, *self.seeds]
+            records = []
+            chunk = max(s.evolution.population, 1)
+            for g, start_i in enumerate(range(0, len(genomes), chunk)):
+                records += self.evaluate_generation(g, genomes[start_i : start_i + chunk])
+                self.track(g, records)
+            self.final_candidates = sorted(rank(records), key=lambda r: (-r["fitness"], r["id"]))
+        self.search_seconds = time.perf_counter() - start
+
+    def projector_round(self, generation: int, ranked: list[dict]) -> None:
+        """Before generation g (g = R, 2R, ...): train the projector over the top-k of generation g - 1."""
+        p = self.settings.projector
+        if not p.enabled or generation == 0 or generation % p.every:
+            return
+        r = generation // p.every
+        path = self.run_dir / "projector" / f"round_{r}.safetensors"
+        info_path = path.with_suffix(".json")
+        if path.is_file():
+            load_projector(path, self.model)
+            info = _read_json(info_path) or {"round": r, "resumed": True}
+            log.info("projector round %d: loaded from %s", r, path)
+        else:
+            top = ranked[: p.top_k]
+            start = time.perf_counter()
+            losses = train_projector(self.model, self.bank, [self.space.ratios(t["genome"]) for t in top],
+                                     self.loss_batches, p.steps, p.lr, p.weight_decay)
+            save_projector(path, self.model)
+            info = {"round": r, "before_generation": generation, "policies": [t["id"] for t in top],
+                    "losses": losses, "seconds": time.perf_counter() - start}
+            write_json(info_path, info)
+            log.info("projector round %d: loss %.4f -> %.4f over %d steps (%.1fs)", r,
+                     losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), len(losses),
+                     info["seconds"])
+        self.rounds.append(info)
+        self.current_round = r
+
+    # rows of pareto.json
+    def rows(self) -> list[dict]:
+        space = self.strategy_space
+        rows = []
+        for record in sorted(self.seen.values(), key=lambda r: r["id"]):
+            ratios = space.ratios(record["genome"])
+            rows.append({
+                "id": record["id"],
+                "strategy": record.get("strategy", self.settings.strategy),
+                "generation": record.get("generation"),
+                "projector_round": record.get("projector_round", 0),
+                "policy": space.summary(record["genome"]),
+                "search_acc": record["acc"],
+                "heldout_acc": self.heldout_acc.get(record["id"]),
+                "sparsity": record["sparsity"],
+                "speedup": estimated_speedup(self.profile, ratios),
+                "speedup_kind": ESTIMATED,
+                "G": record["G"],
+                "fitness": record["fitness"],
+                "seconds": record.get("seconds"),
+            })
+        return mark_front(rows)
+
+    # 5. the final pruned model
+    def finish(self) -> dict:
+        s, model, space = self.settings, self.model, self.strategy_space
+        for record in self.final_candidates[: s.heldout_top]:
+            self.bank.assemble(model, space.ratios(record["genome"]))
+            self.heldout_acc[record["id"]] = accuracy_by_category(model, self.heldout)["acc"]
+        self.bank.restore(model)
+        best = self.final_candidates[0]
+        ratios = space.ratios(best["genome"])
+
+        o = self.final_options
+        start = time.perf_counter()
+        prune_model(model, ratios, o["method"], self.calib_batches, sequential=o["sequential"],
+                    blocksize=o["blocksize"], damp=o["damp"], offload=o["offload"])
+        prune_seconds = time.perf_counter() - start
+        pruned_search = accuracy_by_category(model, self.samples)
+        pruned_heldout = accuracy_by_category(model, self.heldout)
+        dense = {n: self.bank.weight(n, 0.0) for n in self.names}
+        pruned = {n: get_linear(model, n).weight.detach().clone() for n in self.names}
+        measured = measure_speedup(model, self.samples, dense, pruned, repeats=s.speed_repeats)
+        estimated = estimated_speedup(self.profile, ratios)
+
+        policy = space.policy(best["genome"], self.identity,
+                              {"method": o["method"], "sequential": o["sequential"]},
+                              strategy=s.strategy, candidate=best["id"], fitness=best["fitness"],
+                              search_acc=best["acc"], G=best["G"], eta=s.eta,
+                              projector_round=self.current_round)
+        rows = self.rows()
+        candidates_seconds = [r["seconds"] for r in self.seen.values() if r.get("seconds") is not None]
+        per_candidate = sum(candidates_seconds) / max(len(candidates_seconds), 1)
+        final_row = {"label": f"{o['method']} {'sequential' if o['sequential'] else 'one-shot'}",
+                     "search_acc": pruned_search["acc"], "heldout_acc": pruned_heldout["acc"],
+                     "speedup": estimated, "measured_speedup": measured["speedup"],
+                     "sparsity": sparsity(model, self.names), "candidate": best["id"]}
+        summary = {
+            "strategy": s.strategy,
+            "model": self.model_path,
+            "run_dir": str(self.run_dir.resolve()),
+            "target_sparsity": s.target,
+            "n_search": len(self.samples),
+            "search_split": s.search_split,
+            "heldout_split": s.heldout_split,
+            "n_heldout": len(self.heldout),
+            "eta": s.eta,
+            "dense": {"search_acc": self.dense_search["acc"], "heldout_acc": self.dense_heldout["acc"],
+                      "heldout_per_category": self.dense_heldout["per_category"]},
+            "pruned": {"search_acc": pruned_search["acc"], "heldout_acc": pruned_heldout["acc"],
+                       "heldout_per_category": pruned_heldout["per_category"],
+                       "sparsity": final_row["sparsity"], "policy_sparsity": policy.sparsity(),
+                       "pruner": final_row["label"],
+                       "projector": f"searched (round {self.current_round})" if self.current_round else "original",
+                       "prune_seconds": prune_seconds},
+            "best_candidate": {"id": best["id"], "search_acc": best["acc"], "G": best["G"],
+                               "fitness": best["fitness"], "sparsity": best["sparsity"],
+                               "heldout_acc": self.heldout_acc.get(best["id"]),
+                               "assembled_with": f"{self.bank_options['method']} bank (one-shot)"},
+            "speedup": {"measured": measured["speedup"], "measured_how": measured["how"],
+                        "dense_seconds": measured["dense_seconds"], "pruned_seconds": measured["pruned_seconds"],
+                        "estimated": estimated, "estimated_how": ESTIMATE_HOW},
+            "search_seconds": self.search_seconds,
+            "bank_seconds": self.bank_seconds,
+            "candidates_evaluated": len(self.seen),
+            "candidates_evaluated_this_run": self.store.evaluated,
+            "candidates_reused": self.store.reused,
+            "seconds_per_candidate": per_candidate,
+            "wall_seconds_per_candidate": self.search_seconds / max(self.store.evaluated, 1),
+            "dense_forward_seconds": self.dense_seconds,
+            "candidate_to_dense_forward": per_candidate / max(self.dense_seconds, 1e-12),
+            "projector_rounds": self.rounds,
+            "allocation": self.allocation,
+        }
+        self.write_outputs(summary, rows, policy, final_row)
+        summary["total_seconds"] = time.perf_counter() - self.t0
+        write_json(self.run_dir / "summary.json", summary)
+        self.tracker.generation(len(self.seen), rows, {**best, "search_acc": best["acc"]})
+        self.tracker.finish(summary, step=len(self.seen))
+        return summary
+
+    def write_outputs(self, summary: dict, rows: list[dict], policy: Policy, final_row: dict) -> None:
+        d = self.run_dir
+        outputs = {"pareto_json": str(d / "pareto.json"), "pareto_png": str(d / "pareto.png"),
+                   "best_policy": str(d / "best_policy.json"), "summary": str(d / "summary.json")}
+        if self.cfg.get("save_pruned_model", True):
+            with atomic_directory(d / "pruned_model") as tmp:
+                self.model.save_pretrained(tmp)
+                self.processor.save_pretrained(tmp)
+                policy.save(tmp / "policy.json")
+            outputs["pruned_model"] = str(d / "pruned_model")
+        summary["outputs"] = outputs
+        policy.save(d / "best_policy.json")
+        dense_point = {"search_acc": summary["dense"]["search_acc"], "speedup": 1.0}
+        write_json(d / "pareto.json", {
+            "strategy": self.settings.strategy,
+            "axes": {"accuracy": "search_acc (% on the N search samples, letter scoring, bank-assembled candidate)",
+                     "speedup": f"{ESTIMATED}: {ESTIMATE_HOW}"},
+            "dense": {**dense_point, "heldout_acc": summary["dense"]["heldout_acc"]},
+            "final": final_row,
+            "candidates": rows,
+        })
+        plot_front(d / "pareto.png", {self.settings.strategy: rows},
+                   title=f"{self.settings.strategy}: target sparsity {self.settings.target}, N={len(self.samples)}",
+                   dense=dense_point, finals={self.settings.strategy: final_row})
+
+
+def _read_json(path: Path):
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_search(cfg, run_dir) -> dict:
+    run = SearchRun(cfg, run_dir)
+    run.prepare()
+    run.reference()
+    run.run_strategy()
+    return run.finish()
+
+
+def report(summary: dict) -> str:
+    d, p, sp = summary["dense"], summary["pruned"], summary["speedup"]
+    return "\n".join([
+        f"{summary['strategy']} search on {summary['model']} (target sparsity {summary['target_sparsity']}, "
+        f"N={summary['n_search']}): {summary['candidates_evaluated']} candidates in {summary['search_seconds']:.1f}s "
+        f"({summary['seconds_per_candidate']:.3f}s each = {summary['candidate_to_dense_forward']:.2f}x one dense "
+        "forward)",
+        f"  held-out accuracy ({summary['heldout_split']}, {summary['n_heldout']} records): dense "
+        f"{d['heldout_acc']:.2f}% -> pruned {p['heldout_acc']:.2f}%  (search samples: {d['search_acc']:.2f}% -> "
+        f"{p['search_acc']:.2f}%)",
+        f"  sparsity {p['sparsity']:.4f} ({p['pruner']}, projector {p['projector']})",
+        f"  speedup: measured {sp['measured']:.2f}x ({sp['measured_how']}); estimated {sp['estimated']:.2f}x "
+        "(ideal sparse engine)",
+        f"  outputs: {summary['run_dir']}",
+    ])

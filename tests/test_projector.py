@@ -1,0 +1,75 @@
+"""Projector rounds: only the projector trains, over the top-k assembled policies; the model ends dense."""
+import pytest
+import torch
+
+from efficientllava.data.collate import Collator
+from efficientllava.projector import (
+    ProjectorTuner,
+    load_projector,
+    projector_module,
+    save_projector,
+    train_projector,
+)
+from efficientllava.pruning import PruningBank, select_layers
+from efficientllava.pruning.toy_calibration import toy_model_and_batches, toy_records
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, processor, batches = toy_model_and_batches()
+    names = list(select_layers(model))
+    bank = PruningBank.build(model, names, [0.0, 0.5, 0.7], "wanda", batches)
+    records = toy_records(8, "val")
+    loss_batches = [Collator(processor).answers(records, ["letter"] * len(records))]
+    policies = [{n: 0.5 for n in names}, {n: 0.7 for n in names}]
+    return model, bank, policies, loss_batches
+
+
+def test_only_the_projector_trains_and_the_model_ends_dense(setup):
+    model, bank, policies, batches = setup
+    projector = {id(p) for p in projector_module(model).parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    losses = train_projector(model, bank, policies, batches, steps=3, lr=1e-2)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    for name, param in model.named_parameters():
+        if id(param) in projector:
+            assert not torch.equal(param, before[name]), name
+        else:
+            assert torch.equal(param, before[name]), name  # frozen, and pruned weights restored to dense
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_the_loss_averages_the_policies(setup):
+    model, bank, policies, batches = setup
+    tuner = ProjectorTuner(model, bank, policies, batches)
+    inputs = {k: batches[0][k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    expected = []
+    with torch.no_grad():
+        for policy in policies:
+            bank.assemble(model, policy)
+            expected.append(float(model(**inputs, labels=batches[0]["labels"]).loss))
+    bank.restore(model)
+    losses = train_projector(model, bank, policies, batches, steps=1, lr=0.0)
+    assert losses[0] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    assert tuner.projector_parameters()  # the LLaVA projector is found
+
+
+def test_projector_state_round_trip(setup, tmp_path):
+    model, _, _, _ = setup
+    path = save_projector(tmp_path / "round_1.safetensors", model)
+    state = {k: v.clone() for k, v in projector_module(model).state_dict().items()}
+    with torch.no_grad():
+        for p in projector_module(model).parameters():
+            p.add_(1.0)
+    load_projector(path, model)
+    for k, v in projector_module(model).state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_policies_and_batches_are_required(setup):
+    model, bank, policies, batches = setup
+    with pytest.raises(ValueError, match="no policies"):
+        ProjectorTuner(model, bank, [], batches)
+    with pytest.raises(ValueError, match="no batches"):
+        ProjectorTuner(model, bank, policies, [])

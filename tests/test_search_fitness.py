@@ -1,0 +1,78 @@
+"""Fitness: the generalization term's sign and scale, eta, and the task score agreeing with `evaluate`."""
+import math
+
+import pytest
+import torch
+
+from efficientllava.evaluation import evaluate
+from efficientllava.pruning import PruningBank, get_linear, select_layers
+from efficientllava.pruning.toy_calibration import toy_model_and_batches, toy_records
+from efficientllava.search.fitness import (
+    FitnessEvaluator,
+    SearchSamples,
+    check_eta,
+    fitness,
+    generalization_term,
+    letter_accuracy,
+    log_norm_table,
+)
+
+CHOICES = [0.0, 0.3, 0.5, 0.7]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, processor, batches = toy_model_and_batches()
+    names = list(select_layers(model))
+    bank = PruningBank.build(model, names, CHOICES, "wanda", batches)
+    records = toy_records(8, "val")
+    return model, processor, bank, names, records
+
+
+def test_generalization_term_is_the_log_norm_ratio_sum(setup):
+    model, _, bank, names, _ = setup
+    table = log_norm_table(bank)
+    policy = {n: CHOICES[i % len(CHOICES)] for i, n in enumerate(names)}
+    dense = {n: get_linear(model, n).weight.detach().clone() for n in names}
+    bank.assemble(model, policy)
+    manual = sum(math.log(torch.linalg.vector_norm(get_linear(model, n).weight).item()
+                          / torch.linalg.vector_norm(dense[n]).item()) for n in names)
+    bank.restore(model)
+    assert generalization_term(table, policy) == pytest.approx(manual, rel=1e-6)
+
+
+def test_generalization_term_is_zero_dense_and_falls_with_sparsity(setup):
+    _, _, bank, names, _ = setup
+    table = log_norm_table(bank)
+    values = [generalization_term(table, {n: r for n in names}) for r in CHOICES]
+    assert values[0] == 0.0
+    assert all(b < a for a, b in zip(values, values[1:]))  # the reviewer's caveat: G falls as sparsity rises
+    assert -len(names) < values[-1] < 0  # scale: a few tenths per layer at 70%, never below -1 per layer here
+
+
+def test_fitness_sign_and_eta():
+    assert fitness(0.5, -2.0, 0.0) == 0.5  # eta = 0: accuracy alone (the w/o Gen ablation)
+    assert fitness(0.5, -2.0, 0.01) == pytest.approx(0.52)  # a smaller norm product raises the fitness
+    assert fitness(0.5, -1.0, 0.01) < fitness(0.5, -2.0, 0.01)
+    with pytest.raises(ValueError, match=r"search.eta is -0.1; expected eta >= 0"):
+        check_eta(-0.1)
+
+
+def test_task_score_matches_evaluate(setup):
+    model, processor, bank, names, records = setup
+    samples = SearchSamples.build(records, processor, batch_size=3)
+    bank.assemble(model, {n: 0.5 for n in names})
+    try:
+        assert letter_accuracy(model, samples) == pytest.approx(evaluate(model, processor, records)["acc"])
+    finally:
+        bank.restore(model)
+
+
+def test_evaluator_reports_accuracy_g_and_fitness(setup):
+    model, processor, bank, names, records = setup
+    samples = SearchSamples.build(records, processor)
+    evaluator = FitnessEvaluator(model, bank, samples, eta=0.01)
+    result = evaluator({n: 0.7 for n in names})
+    bank.restore(model)
+    assert 0 <= result["acc"] <= 100 and result["G"] < 0 and result["seconds"] > 0
+    assert result["fitness"] == pytest.approx(result["acc"] / 100 - 0.01 * result["G"])

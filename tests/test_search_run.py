@@ -1,0 +1,163 @@
+"""search.py end to end on tiny settings, every strategy, the configs, and bad inputs failing before any work."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import efficientllava  # noqa: F401  (config resolvers)
+from efficientllava.policy import ModelIdentity, PolicyMismatchError, SearchSpace
+from efficientllava.pruning.layers import select_layers
+from efficientllava.search import loop
+from efficientllava.search.settings import STRATEGIES, SettingsError
+from efficientllava.toy_model import ToyArchitecture, build_toy_llava
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    """A random toy LLaVA saved like a checkpoint."""
+    path = tmp_path_factory.mktemp("toy")
+    model, processor = build_toy_llava(seed=0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(toy_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return [f"model.path={toy_dir}", "model.device=cpu", "data.build.sizes={train:8,val:32,test:32}",
+            f"+data.build.cache_dir={cache}", "logger=none", "n_search=8", "n_heldout=16", "heldout_top=1",
+            "speed_repeats=1", "search.population=4", "search.generations=2", "search.top_k=2",
+            "search.projector.every=1", "search.projector.top_k=2", "search.projector.steps=1"]
+
+
+def compose_search(overrides=()):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("search", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_composes(strategy):
+    cfg = compose_search([f"search={strategy}"])
+    assert cfg.search.strategy == strategy and cfg.search.target_sparsity == 0.5
+    assert cfg.bank.method == "wanda" and cfg.final.method == "sparsegpt" and cfg.n_search == 64
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose_search([f"experiment={experiment}"])
+    assert cfg.search.strategy == "evolution"
+
+
+def test_ablations_change_what_they_say():
+    assert compose_search(["experiment=no_generalization"]).search.eta == 0
+    assert compose_search(["experiment=no_projector"]).search.projector.enabled is False
+    assert compose_search(["experiment=granularity_role"]).search.granularity == "role"
+    assert compose_search(["experiment=n16"]).n_search == 16
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any bad input must raise before the dense reference and the bank: make starting them fail loudly."""
+    def fail(*args, **kwargs):
+        raise AssertionError("work started before the bad input was caught")
+
+    monkeypatch.setattr(loop.SearchRun, "reference", fail)
+    monkeypatch.setattr(loop.PruningBank, "build", fail)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (["search.target_sparsity=0.95"], SettingsError, r"target_sparsity is 0.95; expected at most the largest"),
+    (["search.target_sparsity=0.3", "search.choices=[0.5,0.7]"], SettingsError, "at least the smallest choice 0.5"),
+    (["n_search=5000"], SettingsError, r"n_search is 5000; expected at most the size of the search split 'val'"),
+    (["search.eta=-1"], SettingsError, r"search.eta is -1.0; expected eta >= 0"),
+    (["search.top_k=8"], SettingsError, r"top_k is 8; expected 1 <= top_k <= population \(4\)"),
+    (["search.projector.top_k=5"], SettingsError, r"projector.top_k is 5; expected at most search.population \(4\)"),
+    (["search.strategy=annealing"], SettingsError, "search.strategy is 'annealing'"),
+    (["search.tolerance=0", "search.granularity=block", "search.choices=[0.0,0.9]"], ValueError,
+     "cannot be met within tolerance"),
+    (["search.granularity=head"], SettingsError, "search.granularity is 'head'"),
+    (["bank.layers.components=[projector,language_model]"], SettingsError, "selects projector layer"),
+])
+def test_bad_inputs_raise_before_work(tiny, tmp_path, no_work, overrides, error, match):
+    with pytest.raises(error, match=match):
+        loop.run_search(compose_search(tiny + overrides), tmp_path)
+
+
+def test_n_larger_than_the_split_is_caught_by_the_loader_too(tiny):
+    """A data config that does not declare its sizes: the loader checks the split's real length."""
+    from efficientllava.search.settings import read_settings
+    from efficientllava.toy_model import build_processor
+
+    cfg = compose_search(tiny)
+    settings = read_settings(cfg)
+    settings.n_search = 40
+    with pytest.raises(SettingsError, match=r"n_search is 40; expected at most .* 'val' \(32 records\)"):
+        loop.load_records(cfg, settings, build_processor())
+
+
+def test_a_policy_for_another_model_is_refused_before_work(tiny, tmp_path, no_work):
+    other, _ = build_toy_llava(ToyArchitecture(intermediate=2 * ToyArchitecture().intermediate))
+    space = SearchSpace(select_layers(other), [0.0, 0.5], "linear", 0.5)
+    path = space.policy(space.uniform(), ModelIdentity.of(other, "other-toy")).save(tmp_path / "other.json")
+    with pytest.raises(PolicyMismatchError, match="other-toy"):
+        loop.run_search(compose_search(tiny + [f"search.init_policy={path}"]), tmp_path / "run")
+
+
+def test_search_end_to_end_writes_every_output(tiny, tmp_path):
+    import json
+
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from efficientllava.pruning import get_linear
+
+    summary = loop.run_search(compose_search(tiny), tmp_path)
+    for name in ("pareto.json", "pareto.png", "best_policy.json", "summary.json", "search.db",
+                 "projector/round_1.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    pareto = json.loads((tmp_path / "pareto.json").read_text())
+    rows = pareto["candidates"]
+    assert len(rows) == summary["candidates_evaluated"] >= 4
+    for key in ("id", "policy", "search_acc", "heldout_acc", "sparsity", "speedup", "speedup_kind", "G",
+                "fitness", "on_front"):
+        assert all(key in r for r in rows), key
+    assert any(r["on_front"] for r in rows) and any(r["heldout_acc"] is not None for r in rows)
+    assert {r["speedup_kind"] for r in rows} == {"estimated"}
+    for key in ("dense", "pruned", "speedup", "search_seconds", "candidates_evaluated", "seconds_per_candidate",
+                "candidate_to_dense_forward"):
+        assert key in summary, key
+    assert abs(summary["pruned"]["policy_sparsity"] - 0.5) <= 0.005
+    assert summary["speedup"]["measured"] > 0 and summary["speedup"]["estimated"] > 1
+    assert "round 1" in summary["pruned"]["projector"]
+
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "pruned_model")
+    AutoProcessor.from_pretrained(tmp_path / "pruned_model")
+    policy = json.loads((tmp_path / "best_policy.json").read_text())
+    zeros = total = 0
+    for name in policy["ratios"]:
+        weight = get_linear(model, name).weight
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    assert zeros / total == pytest.approx(summary["pruned"]["sparsity"])
+    assert torch.isfinite(next(model.parameters())).all()
+
+    again = loop.run_search(compose_search(tiny), tmp_path)  # same run dir: everything is reused
+    assert again["candidates_evaluated_this_run"] == 0
+    assert json.loads((tmp_path / "best_policy.json").read_text())["ratios"] == policy["ratios"]
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "owl", "ecoflap", "random"])
+def test_baselines_run_end_to_end_on_budget(tiny, tmp_path, strategy):
+    extra = ["search.n_candidates=5"] if strategy == "random" else []
+    common = [o for o in tiny if not o.startswith("search.")]  # the evolution's own settings
+    summary = loop.run_search(compose_search(common + [f"search={strategy}", "save_pruned_model=false"] + extra),
+                              tmp_path)
+    assert summary["strategy"] == strategy
+    assert abs(summary["pruned"]["policy_sparsity"] - 0.5) <= 0.005
+    assert (tmp_path / "pareto.json").is_file() and (tmp_path / "pareto.png").is_file()
+    if strategy == "random":
+        assert summary["candidates_evaluated"] == 5
