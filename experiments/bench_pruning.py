@@ -121,9 +121,40 @@ def bench_toy(path: str | None, device: torch.device, samples: int, batch_size: 
             print(f"| {method} | {target} | {seconds:.2f} | {mib(peak)} | {drift(model):.4f} |")
     print("\n| method | bank build, 9 ratios, one-shot (s) | peak memory (MiB) | bank size (MiB) |")
     print("|---|---|---|---|")
+    banks = {}
     for method in METHODS:
         bank, seconds, peak = timed(lambda: PruningBank.build(dense, names, BANK_CHOICES, method, batches), device)
+        banks[method] = bank
         print(f"| {method} | {seconds:.2f} | {mib(peak)} | {mib(bank.nbytes())} |")
+    bench_assembly(dense, processor, banks["sparsegpt"], names, device)
+
+
+def bench_assembly(model, processor, bank, names, device, n_samples: int = 64, repeats: int = 20) -> None:
+    """Assembling a candidate from the bank (every layer changes its ratio) vs one dense forward over 64 samples."""
+    forward_batches = toy_batches(processor, n_samples, n_samples)
+    generator = torch.Generator().manual_seed(0)
+    policies = [{n: BANK_CHOICES[int(torch.randint(len(BANK_CHOICES), (1,), generator=generator))] for n in names}
+                for _ in range(repeats)]
+    bank.restore(model)
+    start = time.perf_counter()
+    for policy in policies:
+        bank.assemble(model, policy)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    assemble = (time.perf_counter() - start) / repeats
+    bank.restore(model)
+    with torch.no_grad():
+        for b in forward_batches:  # warm-up
+            model(**model_inputs(b, device))
+        start = time.perf_counter()
+        for _ in range(3):
+            for b in forward_batches:
+                model(**model_inputs(b, device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        forward = (time.perf_counter() - start) / 3
+    print(f"\nassembling a random candidate from the bank: {assemble * 1e3:.2f} ms; one dense forward over "
+          f"{n_samples} samples: {forward * 1e3:.1f} ms; ratio {assemble / forward:.3f}")
 
 
 def bench_layers(device: torch.device, shapes=((4096, 11008), (11008, 4096)), samples: int = 128,
