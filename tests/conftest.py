@@ -35,3 +35,15 @@ def test_records():
     cols = generate_split("test", 200, 0)
     cols["image"] = [Image.fromarray(a) for a in cols["image"]]
     return [dict(zip(cols, row)) for row in zip(*cols.values())]
+
+
+@pytest.fixture
+def random_toy_dir(tmp_path):
+    """A randomly initialised toy LLaVA saved with save_pretrained, for subprocess runs of the entry scripts."""
+    from efficientllava.toy_model import build_toy_llava
+
+    path = tmp_path / "toy"
+    model, processor = build_toy_llava(seed=0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -6,17 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from efficientllava.toy_model import build_toy_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_multirun_sweep_and_collect(tmp_path):
-    toy = tmp_path / "toy"
-    model, processor = build_toy_llava(seed=0)
-    model.save_pretrained(toy)
-    processor.save_pretrained(toy)
+def test_multirun_sweep_and_collect(tmp_path, random_toy_dir):
+    toy = random_toy_dir
     sweep = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     subprocess.run(

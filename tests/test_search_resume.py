@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from efficientllava.toy_model import build_toy_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,11 +30,8 @@ def completed_keys(db: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_reuses_trials_and_matches_an_uninterrupted_run(tmp_path):
-    toy = tmp_path / "toy"
-    model, processor = build_toy_llava(seed=0)
-    model.save_pretrained(toy)
-    processor.save_pretrained(toy)
+def test_resume_after_sigkill_reuses_trials_and_matches_an_uninterrupted_run(tmp_path, random_toy_dir):
+    toy = random_toy_dir
     args = [f"model.path={toy}", "model.device=cpu", "data.build.sizes={train:8,val:16,test:16}",
             f"+data.build.cache_dir={tmp_path / 'cache'}", "logger=none", "n_search=8", "n_heldout=8",
             "heldout_top=1", "speed_repeats=1", "search.population=4", "search.generations=10", "search.top_k=2",
