@@ -1,11 +1,14 @@
-"""LLaVA-1.5's two answer formats: short answer and lettered multiple choice."""
+"""LLaVA-1.5's answer formats: short answer, lettered multiple choice, and open-ended (the benchmark's own line)."""
 from __future__ import annotations
+
+from collections import Counter
 
 LETTERS = "ABCDE"
 SHORT = "short"
 LETTER = "letter"
 DESCRIBE = "describe"  # training only: caption the image (the record's `lecture`), LLaVA's stage-1 alignment task
-FORMATS = (SHORT, LETTER, DESCRIBE)
+OPEN = "open"  # open-ended benchmarks: the question, then the record's `instruction` (VizWiz's; none for MM-Vet)
+FORMATS = (SHORT, LETTER, DESCRIBE, OPEN)
 INSTRUCTIONS = {
     SHORT: "Answer the question using a single word or phrase.",
     LETTER: "Answer with the option's letter from the given choices directly.",
@@ -36,7 +39,11 @@ def build_prompt(record: dict, fmt: str) -> str:
     lines.append(record["question"])
     if fmt == LETTER:
         lines += [f"{LETTERS[i]}. {choice}" for i, choice in enumerate(record["choices"])]
-    lines.append(INSTRUCTIONS[fmt])
+    if fmt == OPEN:
+        if record.get("instruction"):
+            lines.append(record["instruction"])
+    else:
+        lines.append(INSTRUCTIONS[fmt])
     return "\n".join(lines)
 
 
@@ -56,4 +63,16 @@ def build_target(record: dict, fmt: str) -> str:
         if not record.get("lecture"):
             raise ValueError(f"record {record.get('id')!r} has no lecture to train the describe format on")
         return record["lecture"]
+    if fmt == OPEN:
+        return consensus_answer(record)
     return LETTERS[record["answer"]] if fmt == LETTER else record["choices"][record["answer"]]
+
+
+def consensus_answer(record: dict) -> str:
+    """The most frequent reference answer of an open-ended record (ties: the first given); the training target
+    for projector rounds and calibration."""
+    answers = record.get("answers") or []
+    if not answers:
+        raise ValueError(f"record {record.get('id')!r} has no reference answers; expected an open-ended record")
+    counts = Counter(answers)
+    return max(answers, key=lambda a: (counts[a], -answers.index(a)))

@@ -1,4 +1,11 @@
-"""The project's benchmark schema (ScienceQA-shaped) and the check every record passes before it is used."""
+"""The project's benchmark schema (ScienceQA-shaped) and the check every record passes before it is used.
+
+Two kinds of record share it. Multiple choice (the toy, ScienceQA): `choices` and the gold index `answer`, scored by
+option letter. Open-ended (VizWiz, MM-Vet, LLaVA-Bench): no choices, `answer` = -1, the reference answers in
+`answers`, and `metric` says how a generated answer is scored: "vqa" (VQA accuracy over the human answers) or a
+judge model's rubric ("mmvet", "llava_bench"). `instruction` is the benchmark's own line after the question (LLaVA-1.5's
+prompt for it); `judge_context` is what only the judge sees (LLaVA-Bench's image caption).
+"""
 from __future__ import annotations
 
 import io
@@ -23,6 +30,29 @@ OPTIONAL = ("lecture",)
 REQUIRED = tuple(f for f in FEATURES if f not in OPTIONAL)
 MIN_CHOICES, MAX_CHOICES = 2, 5
 
+CHOICE = "choice"
+VQA = "vqa"
+JUDGED = ("mmvet", "llava_bench")
+METRICS = (CHOICE, VQA, *JUDGED)
+OPEN_FEATURES = datasets.Features(
+    {
+        **{k: v for k, v in FEATURES.items() if k != "lecture"},
+        "answers": datasets.Sequence(datasets.Value("string")),
+        "metric": datasets.Value("string"),
+        "instruction": datasets.Value("string"),
+        "judge_context": datasets.Value("string"),
+    }
+)
+
+
+def record_metric(record: dict) -> str:
+    """How the record is scored: "choice" unless it says otherwise."""
+    metric = record.get("metric") or CHOICE
+    if metric not in METRICS:
+        raise RecordError(f"record {record.get('id', '<no id>')!r} has metric {metric!r}; expected one of "
+                          f"{list(METRICS)}")
+    return metric
+
 
 class RecordError(ValueError):
     """A benchmark record that does not fit the schema."""
@@ -34,6 +64,12 @@ def check_record(record: dict) -> None:
     missing = [f for f in REQUIRED if f not in record]
     if missing:
         raise RecordError(f"record {rid!r} is missing field(s) {missing}; expected fields {list(REQUIRED)}")
+    if record_metric(record) != CHOICE:
+        answers = record.get("answers")
+        if not isinstance(answers, (list, tuple)) or not answers or not all(isinstance(a, str) for a in answers):
+            raise RecordError(f"open-ended record {rid!r} has answers {answers!r}; expected a non-empty list of "
+                              "reference answers (strings)")
+        return
     choices = record["choices"]
     if not isinstance(choices, (list, tuple)) or not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
         n = len(choices) if isinstance(choices, (list, tuple)) else type(choices).__name__
