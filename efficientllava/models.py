@@ -1,7 +1,14 @@
-"""One loader for every LLaVA: a hub id or a local directory, through `LlavaForConditionalGeneration`."""
+"""One loader for every LLaVA: a hub id or a local directory, through `LlavaForConditionalGeneration`.
+
+Before any weight is read, the config's parameter count (the model built on the meta device, so nothing is
+allocated) times the dtype's size is checked against the free memory of the target device: a model that cannot fit
+is refused with both numbers. `random_init=True` builds the model from the checkpoint's config with random weights
+(for timing the pipeline at a real model's shape without its weights); the processor still comes from the path.
+"""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -15,6 +22,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class ModelLoadError(ValueError):
     """A model path or id that does not lead to a LLaVA checkpoint."""
+
+
+class ModelTooLargeError(ModelLoadError):
+    """A model whose weights alone need more memory than the target device has free."""
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -43,12 +54,60 @@ def check_local_checkpoint(path: Path) -> None:
         raise ModelLoadError(f"'{path}' holds a model of type {model_type!r}; expected a LLaVA checkpoint ('llava')")
 
 
-def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", local_files_only: bool = False):
+def parameter_count(config) -> int:
+    """Parameters of the LLaVA a config describes, counted on the meta device (no memory allocated)."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration._from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on the device: CUDA's free memory, or the host's available memory for the CPU; None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def check_fits(path: str, n_params: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Raise ModelTooLargeError when the weights alone need more than the device's free memory."""
+    need = n_params * torch.empty((), dtype=dtype).element_size()
+    free = free_memory(device)
+    if free is not None and need > free:
+        gib = 2**30
+        raise ModelTooLargeError(
+            f"model '{path}' has {n_params / 1e9:.2f}B parameters: its weights need {need / gib:.1f} GiB in "
+            f"{str(dtype).replace('torch.', '')}, but {device} has {free / gib:.1f} GiB free; expected a device with "
+            "more free memory (or model.device=..., or a smaller model.dtype such as bfloat16)")
+
+
+def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", local_files_only: bool = False,
+               check_memory: bool = True, random_init: bool = False, seed: int = 0):
     """(model, processor) from a local directory or a hub id such as 'llava-hf/llava-1.5-7b-hf'.
 
-    Weights load from safetensors only; no remote code runs. The model is returned in eval mode.
+    Weights load from safetensors only; no remote code runs. The model is returned in eval mode. With
+    `check_memory` the model's size is checked against the device's free memory before any weight is read.
+    `random_init` builds the model from the config with random weights (seeded) instead of loading weights.
+    A model saved after structured shrinking is rebuilt at its recorded per-block sizes
+    (`pruning/structured.load_shrunk`), and visual-token pruning saved with a model is re-attached.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    from efficientllava.pruning.structured import RECORD_KEY, load_shrunk
+    from efficientllava.token_pruning import attach_from_config
 
     path = str(path)
     local = Path(path).expanduser()
@@ -62,16 +121,37 @@ def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", l
             f"model path '{path}' does not exist; expected a local LLaVA checkpoint directory or a hub id 'org/name'"
         )
     kwargs = dict(local_files_only=local_files_only, trust_remote_code=False)
+    torch_dtype, target = resolve_dtype(dtype), resolve_device(device)
     try:
-        processor = AutoProcessor.from_pretrained(source, **kwargs)
-        model = LlavaForConditionalGeneration.from_pretrained(
-            source, dtype=resolve_dtype(dtype), use_safetensors=True, **kwargs
-        )
+        config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a LLaVA from '{path}': {err}") from err
-    return model.to(resolve_device(device)).eval(), processor
+    if config.model_type != "llava":
+        raise ModelLoadError(f"'{path}' holds a model of type {config.model_type!r}; expected a LLaVA checkpoint "
+                             "('llava')")
+    if check_memory:
+        check_fits(path, parameter_count(config), torch_dtype, target)
+    try:
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
+        if random_init:
+            torch.manual_seed(seed)
+            with torch.device(target):
+                model = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype)
+        elif getattr(config, RECORD_KEY, None) is not None:  # structurally shrunk: rebuilt at its recorded sizes
+            model = load_shrunk(source, dtype=torch_dtype)
+        else:
+            model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype, use_safetensors=True,
+                                                                  **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load a LLaVA from '{path}': {err}") from err
+    attach_from_config(model)  # visual-token pruning recorded with the model, if any
+    return model.to(target).eval(), processor
 
 
-def load_from_config(cfg):
-    """`load_llava` with a Hydra `model` config node (path, dtype, device)."""
-    return load_llava(cfg.path, dtype=cfg.get("dtype", "float32"), device=cfg.get("device", "auto"))
+def load_from_config(cfg, device=None):
+    """`load_llava` with a Hydra `model` config node (path, dtype, device, check_memory, random_init, seed);
+    `device` overrides the node's device (e.g. one GPU per process under DDP)."""
+    return load_llava(cfg.path, dtype=cfg.get("dtype", "float32"),
+                      device=device if device is not None else cfg.get("device", "auto"),
+                      check_memory=cfg.get("check_memory", True), random_init=cfg.get("random_init", False),
+                      seed=cfg.get("seed", 0))
