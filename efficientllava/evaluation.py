@@ -1,9 +1,13 @@
-"""Multiple-choice evaluation of any LLaVA: by the option letter at the answer position, or by option likelihood.
+"""Evaluation of any LLaVA: multiple choice (option letter or option likelihood) and open-ended answers (greedy).
 
 `letter`: the prompt lists the options; the prediction is the option whose letter gets the highest logit at the
 first answer position (only the record's own letters compete). `likelihood`: the short-answer prompt (no options);
-the prediction is the option whose text + EOS has the highest total log-probability. Both are batched and run
-under `torch.no_grad` in eval mode, so they are deterministic.
+the prediction is the option whose text + EOS has the highest total log-probability. Open-ended records (VizWiz,
+MM-Vet, LLaVA-Bench) get a greedy answer of at most `max_new_tokens`, scored by VQA accuracy here or by a judge
+model (`efficientllava/judge.py`). All are batched and run under `torch.no_grad` in eval mode: deterministic.
+
+Under DDP (several devices) each device sees a share of the records (Lightning's sampler repeats a few to even the
+shares); results are kept per record id and merged across devices by id, so every record counts exactly once.
 """
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ import pytorch_lightning as pl
 import torch
 
 from efficientllava.data.collate import IGNORE, Collator
-from efficientllava.data.prompts import LETTER, LETTERS, SHORT
+from efficientllava.data.prompts import LETTER, LETTERS, OPEN, SHORT
+from efficientllava.data.schema import CHOICE, VQA, record_metric
+from efficientllava.vqa import vqa_accuracy
 
 MODES = ("letter", "likelihood")
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
@@ -81,6 +87,40 @@ def predict_likelihood(model, collator: Collator, records: list[dict]) -> list[i
     return [k for _, k in best]
 
 
+def left_padded(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a right-padded prompt batch, moved to left padding (what generation needs)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    out_ids, out_mask = torch.full_like(ids, pad_id), torch.zeros_like(mask)
+    width = ids.shape[1]
+    for i, n in enumerate(mask.sum(1).tolist()):
+        out_ids[i, width - n :] = ids[i, :n]
+        out_mask[i, width - n :] = 1
+    return out_ids, out_mask
+
+
+@torch.no_grad()
+def generate_from_batch(model, batch: dict, tokenizer, max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers (special tokens dropped, stripped) to the prompts of a right-padded prompt batch."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens is {max_new_tokens}; expected at least 1")
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask = left_padded(batch, pad)
+    device = _device(model)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         pixel_values=batch["pixel_values"].to(device), max_new_tokens=int(max_new_tokens),
+                         do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :].cpu()]
+
+
+def generate_answers(model, collator: Collator, records: list[dict], max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers to open-ended records (the question and the record's instruction, LLaVA-1.5's prompt)."""
+    return generate_from_batch(model, collator.prompts(records, [OPEN] * len(records)), collator.tokenizer,
+                               max_new_tokens)
+
+
 def predict(model, collator, records, mode: str, letter_ids=None) -> list[int]:
     if mode == "letter":
         return predict_letter(model, collator, records, letter_ids or letter_token_ids(collator.tokenizer))
@@ -96,6 +136,57 @@ def summarize(correct: dict[str, list[bool]]) -> dict[str, float]:
     for category in sorted(correct):
         out[f"acc/{category}"] = 100.0 * sum(correct[category]) / max(len(correct[category]), 1)
     return out
+
+
+def gather_by_id(results: dict) -> dict:
+    """Merge {record id: result} dicts of every process (DDP); ids seen on several devices count once."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(results)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, dict(results))
+    merged = {}
+    for part in parts:
+        for key, value in part.items():
+            merged.setdefault(key, value)
+    return merged
+
+
+def open_metric(records) -> str:
+    """The one metric of a batch of open-ended records."""
+    metrics = {record_metric(r) for r in records}
+    if len(metrics) != 1 or CHOICE in metrics:
+        raise ValueError(f"records are scored by {sorted(metrics)}; expected open-ended records of one benchmark "
+                         "(metric vqa, mmvet or llava_bench)")
+    return metrics.pop()
+
+
+def vqa_summary(rows: list[dict]) -> dict:
+    """VQA accuracy in % overall and per category from rows with 'prediction', 'answers', 'category'."""
+    correct = defaultdict(list)
+    for row in rows:
+        correct[row["category"]].append(vqa_accuracy(row["prediction"], row["answers"]))
+    return summarize(correct)
+
+
+def evaluate_open(model, processor, records, max_new_tokens: int = 16, batch_size: int = 16) -> tuple[dict, list]:
+    """(VQA summary or {'n'}, prediction rows) for open-ended records; judge-scored ones are scored by judge.py."""
+    collator = Collator(processor)
+    rows = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        if isinstance(chunk, dict):
+            chunk = [dict(zip(chunk, row)) for row in zip(*chunk.values())]
+        rows += prediction_rows(chunk, generate_answers(model, collator, chunk, max_new_tokens))
+    metric = open_metric(rows)
+    return (vqa_summary(rows) if metric == VQA else {"n": len(rows)}), rows
+
+
+def prediction_rows(records, predictions) -> list[dict]:
+    return [{"id": r["id"], "question": r["question"], "prediction": p, "answers": list(r["answers"]),
+             "category": r["category"], "metric": record_metric(r), "judge_context": r.get("judge_context", "")}
+            for r, p in zip(records, predictions)]
 
 
 def evaluate(model, processor, records, mode: str = "letter", batch_size: int = 64, progress: bool = False):
@@ -121,7 +212,7 @@ def evaluate(model, processor, records, mode: str = "letter", batch_size: int = 
 
 
 class AccuracyTally:
-    """Hits and counts per (mode, category), reducible across devices; used by every Lightning module here."""
+    """Hits per (record, mode), merged across devices by record id (DDP-exact); used by every Lightning module."""
 
     def __init__(self, categories: list[str], modes=MODES):
         for mode in modes:
@@ -131,25 +222,29 @@ class AccuracyTally:
         self.reset()
 
     def reset(self):
-        self.hits = torch.zeros(len(self.modes), len(self.categories), dtype=torch.long)
-        self.count = torch.zeros_like(self.hits)
+        self.records: dict[str, tuple[int, tuple[bool, ...]]] = {}
 
     def update(self, model, collator, records, letter_ids):
-        for m, mode in enumerate(self.modes):
-            for record, pred in zip(records, predict(model, collator, records, mode, letter_ids)):
-                if record["category"] not in self.categories:
-                    raise ValueError(f"record {record.get('id')!r} has category {record['category']!r}; "
-                                     f"expected one of {self.categories}")
-                c = self.categories.index(record["category"])
-                self.hits[m, c] += int(pred == record["answer"])
-                self.count[m, c] += 1
+        for record in records:
+            if record["category"] not in self.categories:
+                raise ValueError(f"record {record.get('id')!r} has category {record['category']!r}; "
+                                 f"expected one of {self.categories}")
+        preds = [predict(model, collator, records, mode, letter_ids) for mode in self.modes]
+        for i, record in enumerate(records):
+            hits = tuple(bool(p[i] == record["answer"]) for p in preds)
+            self.records[record["id"]] = (self.categories.index(record["category"]), hits)
 
     def compute(self, module: pl.LightningModule | None = None) -> dict[str, float]:
-        """Accuracies in %; `acc` is letter scoring, `acc_ll` likelihood scoring. Sums over devices under DDP."""
-        hits, count = self.hits, self.count
+        """Accuracies in %; `acc` is letter scoring, `acc_ll` likelihood scoring. Merges devices under DDP."""
+        records = self.records
         if module is not None and module.trainer is not None and module.trainer.world_size > 1:
-            hits = module.all_gather(hits.to(module.device)).sum(0).cpu()
-            count = module.all_gather(count.to(module.device)).sum(0).cpu()
+            records = gather_by_id(records)
+        hits = torch.zeros(len(self.modes), len(self.categories), dtype=torch.long)
+        count = torch.zeros_like(hits)
+        for c, record_hits in records.values():
+            for m, hit in enumerate(record_hits):
+                hits[m, c] += int(hit)
+                count[m, c] += 1
         results: dict[str, float] = {}
         for m, mode in enumerate(self.modes):
             key = "acc" if mode == "letter" else "acc_ll"
@@ -183,6 +278,48 @@ class MultipleChoiceEvaluator(pl.LightningModule):
         self.tally.update(self.model, self.collator, records, self.letter_ids)
 
     test_step = validation_step
+
+    def on_validation_epoch_end(self):
+        self._finish("val")
+
+    def on_test_epoch_end(self):
+        self._finish("test")
+
+
+class OpenEndedEvaluator(pl.LightningModule):
+    """Greedy answers to open-ended records under a Lightning Trainer (CPU, one GPU or several).
+
+    After the epoch `predictions` holds one row per record (merged across devices by id) and `results` the VQA
+    accuracy (VizWiz) or only the count (judge-scored benchmarks: `judge.score_with_judge` scores the rows)."""
+
+    def __init__(self, model, processor, max_new_tokens: int = 16):
+        super().__init__()
+        self.model, self.processor = model, processor
+        self.collator = Collator(processor)
+        self.max_new_tokens = int(max_new_tokens)
+        self.rows: dict[str, dict] = {}
+        self.predictions: list[dict] = []
+        self.results: dict[str, float] = {}
+
+    def test_step(self, records, batch_idx):
+        open_metric(records)
+        for row in prediction_rows(records, generate_answers(self.model, self.collator, records,
+                                                             self.max_new_tokens)):
+            self.rows[row["id"]] = row
+
+    validation_step = test_step
+
+    def _finish(self, stage: str):
+        rows = gather_by_id(self.rows) if self.trainer is not None and self.trainer.world_size > 1 else self.rows
+        self.predictions = sorted(rows.values(), key=lambda r: r["id"])
+        self.rows = {}
+        if not self.predictions:
+            self.results = {"n": 0}
+            return
+        metric = open_metric(self.predictions)
+        self.results = vqa_summary(self.predictions) if metric == VQA else {"n": len(self.predictions)}
+        for key, value in self.results.items():
+            self.log(f"{stage}/{key}", float(value), rank_zero_only=True)
 
     def on_validation_epoch_end(self):
         self._finish("val")
