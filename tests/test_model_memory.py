@@ -63,18 +63,3 @@ def test_random_init_keeps_the_shapes_and_not_the_weights(toy_dir):
     assert not torch.equal(named[weight], dict(saved.named_parameters())[weight])
     assert torch.equal(named[weight], dict(two.named_parameters())[weight])  # seeded
     assert processor.tokenizer is not None
-
-
-def test_llava15_configs_have_the_published_sizes():
-    """The 7B/13B shapes built from LLaVA-1.5's config values (experiments/bench_7b_search.py), counted on meta."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_7b_search", Path(__file__).resolve().parents[1] / "experiments" / "bench_7b_search.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert 7.05e9 < parameter_count(bench.llava15_config("7b")) < 7.07e9  # "7B": 7.06B on the hub
-    assert 13.3e9 < parameter_count(bench.llava15_config("13b")) < 13.4e9
-    config = bench.llava15_config("scaled-down")
-    assert config.image_seq_length == 576 and config.text_config.vocab_size == 32064
