@@ -11,7 +11,9 @@ falls as sparsity rises, so the budget is enforced by `SearchSpace.repair`, not 
 
 The task score runs one forward over the pre-collated search samples with the candidate assembled from the bank, and
 reads the logits of the option letters at each prompt's last position (as `evaluation.predict_letter` does, but
-applying the LM head to those positions only).
+applying the LM head to those positions only). Open-ended search samples (VizWiz) are scored instead by greedy
+answers of at most `max_new_tokens` against their human answers (VQA accuracy, `efficientllava/vqa.py`); benchmarks
+scored by a judge model cannot be searched (hundreds of candidates, each a round of judge calls) and are refused.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from efficientllava.data.collate import Collator
-from efficientllava.data.prompts import LETTER, LETTERS
-from efficientllava.evaluation import MODEL_INPUTS, letter_token_ids
+from efficientllava.data.prompts import LETTER, LETTERS, OPEN
+from efficientllava.data.schema import CHOICE, JUDGED, VQA, record_metric
+from efficientllava.evaluation import MODEL_INPUTS, generate_from_batch, letter_token_ids
+from efficientllava.vqa import vqa_accuracy
 from efficientllava.pruning.bank import DENSE, choice_key
 
 
@@ -67,27 +71,49 @@ def generalization_term(table: dict[str, dict[str, float]], ratios: dict) -> flo
 
 
 # ---- task score -------------------------------------------------------------------------------------------------
+def sample_metric(records) -> str:
+    """The one metric the search samples are scored by: "choice" or "vqa" (judge-scored ones are refused)."""
+    metrics = {record_metric(r) for r in records}
+    if len(metrics) != 1:
+        raise ValueError(f"the search samples mix metrics {sorted(metrics)}; expected records of one benchmark")
+    metric = metrics.pop()
+    if metric in JUDGED:
+        raise ValueError(f"the search samples are scored by a judge model ({metric}); a search scores hundreds of "
+                         "candidates and calls no judge: expected a benchmark scored on the spot (multiple choice "
+                         "such as scienceqa, or VQA accuracy such as vizwiz), then evaluate.py for the judged ones")
+    return metric
+
+
 @dataclass
 class SearchSamples:
-    """The N search samples as pre-collated letter-format prompt batches, plus what scoring needs."""
+    """The N search samples as pre-collated prompt batches (letter format, or open format for VQA samples), plus
+    what scoring needs."""
 
     batches: list[dict]
     answers: list[torch.Tensor]
     n_choices: list[torch.Tensor]
     letter_ids: list[int]
     categories: list[str]
+    references: list[list[str]] | None = None  # VQA samples: the human answers of each
+    tokenizer: object = None
+    max_new_tokens: int = 16
 
     @classmethod
-    def build(cls, records, processor, batch_size: int = 64) -> "SearchSamples":
+    def build(cls, records, processor, batch_size: int = 64, max_new_tokens: int = 16) -> "SearchSamples":
         collator = Collator(processor)
+        records = list(records)
+        metric = sample_metric(records) if records else CHOICE
+        fmt = OPEN if metric == VQA else LETTER
         batches, answers, n_choices, categories = [], [], [], []
         for start in range(0, len(records), batch_size):
-            chunk = list(records[start : start + batch_size])
-            batches.append(collator.prompts(chunk, [LETTER] * len(chunk)))
+            chunk = records[start : start + batch_size]
+            batches.append(collator.prompts(chunk, [fmt] * len(chunk)))
             answers.append(torch.tensor([r["answer"] for r in chunk]))
             n_choices.append(torch.tensor([len(r["choices"]) for r in chunk]))
             categories += [r["category"] for r in chunk]
-        return cls(batches, answers, n_choices, letter_token_ids(processor.tokenizer), categories)
+        references = [list(r["answers"]) for r in records] if metric == VQA else None
+        return cls(batches, answers, n_choices, letter_token_ids(processor.tokenizer), categories, references,
+                   processor.tokenizer, int(max_new_tokens))
 
     def __len__(self) -> int:
         return sum(len(a) for a in self.answers)
@@ -95,7 +121,10 @@ class SearchSamples:
 
 @torch.no_grad()
 def letter_predictions(model, samples: SearchSamples) -> torch.Tensor:
-    """Predicted option index per sample (only each sample's own letters compete)."""
+    """The scoring forward: predicted option index per sample (only each sample's own letters compete); for VQA
+    samples, the greedy answers (a list of strings), so timing and FLOP counting see the real scoring cost."""
+    if samples.references is not None:
+        return open_predictions(model, samples)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -112,10 +141,25 @@ def letter_predictions(model, samples: SearchSamples) -> torch.Tensor:
     return torch.cat(preds)
 
 
+def open_predictions(model, samples: SearchSamples) -> list[str]:
+    """Greedy answers to the (open-format) search samples."""
+    answers = []
+    for batch in samples.batches:
+        answers += generate_from_batch(model, batch, samples.tokenizer, samples.max_new_tokens)
+    return answers
+
+
+def task_scores(model, samples: SearchSamples) -> torch.Tensor:
+    """Per-sample score in [0, 1]: letter hit, or VQA accuracy of the greedy answer."""
+    predictions = letter_predictions(model, samples)
+    if samples.references is not None:
+        return torch.tensor([vqa_accuracy(p, refs) for p, refs in zip(predictions, samples.references)])
+    return (predictions == torch.cat(samples.answers)).float()
+
+
 def letter_accuracy(model, samples: SearchSamples) -> float:
-    """Accuracy in % on the search samples."""
-    hits = letter_predictions(model, samples) == torch.cat(samples.answers)
-    return 100.0 * hits.float().mean().item()
+    """Accuracy in % on the search samples (VQA accuracy for VQA samples)."""
+    return 100.0 * task_scores(model, samples).mean().item()
 
 
 def forward_seconds(model, samples: SearchSamples, repeats: int = 3) -> float:

@@ -16,12 +16,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from efficientllava.data.collate import Collator
-from efficientllava.data.prompts import LETTER
+from efficientllava.data.prompts import LETTER, OPEN
+from efficientllava.data.schema import CHOICE, record_metric
 from efficientllava.logging_setup import build_loggers
 from efficientllava.models import load_from_config
 from efficientllava.outputs import atomic_directory, write_json
@@ -30,7 +30,8 @@ from efficientllava.projector import load_projector, save_projector, train_proje
 from efficientllava.pruning import PruningBank, get_linear, prune_model, pruner_options, select_from_config, sparsity
 from efficientllava.search import baselines
 from efficientllava.search.evolution import rank, run_evolution
-from efficientllava.search.fitness import FitnessEvaluator, SearchSamples, forward_seconds, letter_predictions
+from efficientllava.search.fitness import (FitnessEvaluator, SearchSamples, forward_seconds, sample_metric,
+                                           task_scores)
 from efficientllava.search.pareto import mark_front, plot_front
 from efficientllava.search.settings import SearchSettings, SettingsError, read_settings
 from efficientllava.search.tracking import SearchTracker
@@ -56,14 +57,16 @@ def load_records(cfg, settings: SearchSettings, processor):
 
 
 def answer_batches(records, processor, batch_size: int) -> list[dict]:
-    """Prompt + gold letter + EOS batches (labels on the answer): calibration, projector and ECoFLaP losses."""
+    """Prompt + gold letter (open-ended: the most frequent reference answer) + EOS batches, labels on the answer:
+    calibration, projector and ECoFLaP losses."""
     collator = Collator(processor)
-    return [collator.answers(records[i : i + batch_size], [LETTER] * len(records[i : i + batch_size]))
+    fmt = LETTER if not records or record_metric(records[0]) == CHOICE else OPEN
+    return [collator.answers(records[i : i + batch_size], [fmt] * len(records[i : i + batch_size]))
             for i in range(0, len(records), batch_size)]
 
 
 def accuracy_by_category(model, samples: SearchSamples) -> dict:
-    hits = (letter_predictions(model, samples) == torch.cat(samples.answers)).tolist()
+    hits = task_scores(model, samples).tolist()
     per = defaultdict(list)
     for category, hit in zip(samples.categories, hits):
         per[category].append(hit)
@@ -86,6 +89,10 @@ class SearchRun:
         self.model_path = str(cfg.model.path)
         self.identity = ModelIdentity.of(self.model, self.model_path)
         self.search_records, self.heldout_records = load_records(cfg, s, self.processor)
+        try:  # one benchmark, scored on the spot (letters or VQA accuracy), not by a judge model
+            sample_metric(self.search_records + self.heldout_records)
+        except ValueError as err:
+            raise SettingsError(f"data: {err}") from None
         self.layers = select_from_config(self.model, cfg.bank.get("layers"))
         if not self.layers:
             raise SettingsError(f"bank.layers selects no layer of '{self.model_path}'; expected at least one "
@@ -124,8 +131,9 @@ class SearchRun:
     # 2. dense reference and 3. the bank
     def reference(self) -> None:
         s, model = self.settings, self.model
-        self.samples = SearchSamples.build(self.search_records, self.processor, s.eval_batch_size)
-        self.heldout = SearchSamples.build(self.heldout_records, self.processor, s.eval_batch_size)
+        max_new_tokens = int(self.cfg.get("max_new_tokens", 16))  # open-ended (VQA) samples: greedy answer length
+        self.samples = SearchSamples.build(self.search_records, self.processor, s.eval_batch_size, max_new_tokens)
+        self.heldout = SearchSamples.build(self.heldout_records, self.processor, s.eval_batch_size, max_new_tokens)
         self.calib_batches = answer_batches(self.search_records, self.processor, int(self.cfg.bank.batch_size))
         self.loss_batches = answer_batches(self.search_records, self.processor, s.projector.batch_size)
         self.dense_search = accuracy_by_category(model, self.samples)
