@@ -6,10 +6,15 @@ the search space rises; over all policies that is out of reach, so it is approxi
     loss(projector) = 1/k * sum_{p in top-k} LM answer loss of the model pruned by p, on the N search samples.
 
 `ProjectorTuner` is a LightningModule with manual optimization: in each step it assembles every top-k policy from
-the bank in turn (no pruning call), runs forward + backward of its share of the loss, then takes one optimizer step
-on the projector's parameters. Everything else is frozen (requires_grad off), the dense weights are restored when
-training ends and the original requires_grad flags come back. Nothing is random (no shuffling, no dropout: the model
-stays in eval mode), so a round gives the same projector on every run on the same machine.
+the bank in turn (no pruning call) and runs forward + backward of its share of the loss down to the projector's
+output (held as a detached leaf, so one policy's activations live at a time); then one backward through the
+projector itself, with the output gradients of all policies, gives the gradient of the averaged loss, and one
+optimizer step follows. One backward per step through the trainable parameters is what DDP needs: with several
+devices (`devices=2, strategy="ddp"`, gloo on the CPU) each device takes its share of the batches and DDP averages
+the projector's gradient. Everything else is frozen (requires_grad off, before DDP wraps the module), the dense
+weights are restored when training ends and the original requires_grad flags come back. Nothing is random (no
+shuffling, no dropout: the model stays in eval mode), so a round gives the same projector on every run on the same
+machine.
 """
 from __future__ import annotations
 
@@ -94,6 +99,8 @@ class ProjectorTuner(pl.LightningModule):
         return list(projector_module(self.model).parameters())
 
     def freeze_all_but_projector(self) -> None:
+        if self._flags:  # already frozen (setup, then fit start)
+            return
         self._flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
         trainable = {id(p) for p in self.projector_parameters()}
         for p in self.model.parameters():
@@ -102,6 +109,9 @@ class ProjectorTuner(pl.LightningModule):
     def unfreeze(self) -> None:
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._flags.get(n, p.requires_grad))
+
+    def setup(self, stage: str) -> None:
+        self.freeze_all_but_projector()  # before a DDP wrapper is built: it only tracks the projector
 
     def on_fit_start(self):
         self.freeze_all_but_projector()
@@ -114,13 +124,29 @@ class ProjectorTuner(pl.LightningModule):
         self.model.eval()  # no dropout: the round is deterministic
         optimizer = self.optimizers()
         optimizer.zero_grad()
+        projector = projector_module(self.model)
+        captured: list[tuple[tuple, torch.Tensor]] = []
+
+        def to_leaf(module, args, output):  # the rest of the model sees a leaf; its gradient is kept
+            leaf = output.detach().requires_grad_(True)
+            captured.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), leaf))
+            return leaf
+
         total = 0.0
         inputs = {k: batch[k] for k in MODEL_INPUTS}
-        for policy in self.policies:
-            self.bank.assemble(self.model, policy)
-            loss = self.model(**inputs, labels=batch["labels"]).loss / len(self.policies)
-            self.manual_backward(loss)
-            total += float(loss.detach())
+        handle = projector.register_forward_hook(to_leaf)
+        try:
+            with torch.enable_grad():
+                for policy in self.policies:
+                    self.bank.assemble(self.model, policy)
+                    loss = self.model(**inputs, labels=batch["labels"]).loss / len(self.policies)
+                    loss.backward()  # reaches only the leaf: everything before the projector's output is frozen
+                    total += float(loss.detach())
+        finally:
+            handle.remove()
+        with torch.enable_grad():
+            surrogate = sum((projector(*args) * leaf.grad).sum() for args, leaf in captured)
+        self.manual_backward(surrogate)  # d(mean loss)/d(projector), in one backward (all-reduced under DDP)
         optimizer.step()
         self.losses.append(total)
         self.log("projector/loss", total, prog_bar=True)
@@ -133,17 +159,21 @@ class ProjectorTuner(pl.LightningModule):
 
 
 def train_projector(model, bank, policies: list[dict], batches: list[dict], steps: int = 10, lr: float = 1e-3,
-                    weight_decay: float = 0.0, logger=False) -> list[float]:
-    """One projector round under a Lightning Trainer; returns the loss per step. The model ends dense."""
+                    weight_decay: float = 0.0, logger=False, devices=None, strategy: str = "auto") -> list[float]:
+    """One projector round under a Lightning Trainer; returns the loss per step (this process's share under DDP).
+    The model ends dense. `devices`/`strategy`: several devices (e.g. 2, "ddp"); default: the model's device."""
     if steps < 1:
         return []
     device = next(model.parameters()).device
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     module = ProjectorTuner(model, bank, policies, batches, lr, weight_decay)
+    if devices is None:
+        devices = [device.index or 0] if device.type == "cuda" else 1
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=[device.index or 0] if device.type == "cuda" else 1,
+        devices=devices,
+        strategy=strategy,
         max_steps=int(steps),
         max_epochs=-1,
         logger=logger,
