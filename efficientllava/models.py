@@ -101,8 +101,13 @@ def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", l
     Weights load from safetensors only; no remote code runs. The model is returned in eval mode. With
     `check_memory` the model's size is checked against the device's free memory before any weight is read.
     `random_init` builds the model from the config with random weights (seeded) instead of loading weights.
+    A model saved after structured shrinking is rebuilt at its recorded per-block sizes
+    (`pruning/structured.load_shrunk`), and visual-token pruning saved with a model is re-attached.
     """
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    from efficientllava.pruning.structured import RECORD_KEY, load_shrunk
+    from efficientllava.token_pruning import attach_from_config
 
     path = str(path)
     local = Path(path).expanduser()
@@ -132,11 +137,14 @@ def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", l
             torch.manual_seed(seed)
             with torch.device(target):
                 model = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype)
+        elif getattr(config, RECORD_KEY, None) is not None:  # structurally shrunk: rebuilt at its recorded sizes
+            model = load_shrunk(source, dtype=torch_dtype)
         else:
             model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype, use_safetensors=True,
                                                                   **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a LLaVA from '{path}': {err}") from err
+    attach_from_config(model)  # visual-token pruning recorded with the model, if any
     return model.to(target).eval(), processor
 
 

@@ -1,19 +1,26 @@
-"""Speed of a pruned model: measured latency (dense vs pruned, same process) and a FLOP-based estimate.
+"""Speed of a pruned model: latency measured on the machine, and FLOP-based estimates labelled as such.
 
-- Measured: wall time of the search's scoring forward over the N samples, on the device the model sits on, dense and
-  pruned weights swapped in turn (interleaved repeats, median of each), in one process. Masked weights on dense
-  kernels cost the same as dense ones, so expect ~1.0x here: that is the honest number for this engine.
-- Estimated: the FLOPs of the same forward counted by `torch.utils.flop_counter` (every op of the model: vision
-  tower, projector, attention, LM head), minus, for each pruned linear layer, its ratio times its own FLOPs (counted
-  from the rows that actually pass through it). It assumes a sparse engine that skips every pruned weight's
-  multiply-add at no overhead, so it is an upper bound on what unstructured sparsity can buy, labelled "estimated".
+Measured (`kind: "measured"`), always dense against pruned in one process, interleaved (dense, pruned, dense, ...)
+so that drifting machine load hits both alike, median of the repeats after warm-up runs:
+- prefill: one forward over image + prompt, filling the KV cache and computing the next-token logits only (what
+  generation's first step does), or the search's scoring forward over its N samples;
+- decode: tokens per second of greedy steps after a prefill (the prefill itself not timed).
+On CUDA each call is timed with CUDA events around it; on the CPU with `time.perf_counter`. `compare` times two
+models (e.g. dense and a shrunk copy); `measure_speedup` swaps two weight sets in one model (unstructured masks on
+dense kernels: expect ~1.0x, which is the honest number for them).
+
+Estimated (`kind: "estimated"`): FLOPs counted by `torch.utils.flop_counter` over the same forward (every op: vision
+tower, projector, attention, LM head), minus what an ideal engine would skip. For unstructured sparsity that is
+ratio x the layer's FLOPs (a sparse engine that skips every pruned multiply-add at no overhead: an upper bound).
 """
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
+from efficientllava.evaluation import MODEL_INPUTS
 from efficientllava.policy import choice_ratio
 from efficientllava.pruning.layers import get_linear
 from efficientllava.search.fitness import SearchSamples, letter_predictions
@@ -22,18 +29,149 @@ MEASURED = "measured"
 ESTIMATED = "estimated"
 
 
-def _sync(model):
-    device = next(model.parameters()).device
+class SpeedError(ValueError):
+    """A speed measurement asked for with settings that cannot work."""
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def describe_device(device: torch.device) -> str:
+    """The device a timing belongs to: a GPU's name, or the CPU with its thread count."""
+    device = torch.device(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} thread(s))"
 
 
-def _timed_forward(model, samples: SearchSamples) -> float:
-    _sync(model)
+def _check_counts(repeats: int, warmup: int) -> None:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise SpeedError(f"repeats is {repeats!r}; expected an integer >= 1 (timed calls per model)")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise SpeedError(f"warmup is {warmup!r}; expected an integer >= 0 (untimed calls first)")
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of `fn` takes on `device` (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
     start = time.perf_counter()
-    letter_predictions(model, samples)
-    _sync(model)
+    fn()
     return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
+
+
+# ---- what is timed ----------------------------------------------------------------------------------------------
+def _inputs(batch: dict, device) -> dict:
+    return {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+
+
+@torch.no_grad()
+def prefill(model, batch: dict):
+    """Image + prompt through the whole model, KV cache filled, logits of the next token only."""
+    return model(**_inputs(batch, model_device(model)), use_cache=True, logits_to_keep=1)
+
+
+@torch.no_grad()
+def decode_seconds(model, batch: dict, steps: int) -> float:
+    """Seconds of `steps` greedy decode steps after a prefill of `batch` (the prefill is not timed)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise SpeedError(f"decode steps is {steps!r}; expected an integer >= 1 (new tokens per row)")
+    device = model_device(model)
+    inputs = _inputs(batch, device)
+    mask = inputs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise SpeedError("decode timing got a padded batch; expected prompts of equal length (no padding), so "
+                         "every row decodes from a real last token")
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
+    state = {"past": out.past_key_values, "token": out.logits[:, -1].argmax(-1, keepdim=True), "mask": mask}
+
+    def run():
+        for _ in range(steps):
+            if state["mask"] is not None:
+                state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(state["mask"].shape[0], 1)], 1)
+            out = model(input_ids=state["token"], attention_mask=state["mask"], past_key_values=state["past"],
+                        use_cache=True, logits_to_keep=1)
+            state["past"], state["token"] = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    return timed(run, device)
+
+
+# ---- comparisons ------------------------------------------------------------------------------------------------
+def compare(runs: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5, warmup: int = 1) -> dict:
+    """Median seconds of each callable, timed interleaved: {name: seconds}."""
+    _check_counts(repeats, warmup)
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(timed(fn, device))
+    return {name: median(t) for name, t in times.items()}
+
+
+def prefill_speedup(dense, pruned, batches: list[dict], repeats: int = 5, warmup: int = 1) -> dict:
+    """Measured prefill speedup of `pruned` over `dense` (two models on one device) over `batches`."""
+    device = model_device(dense)
+    if model_device(pruned) != device:
+        raise SpeedError(f"dense model is on {device} and pruned on {model_device(pruned)}; expected one device")
+
+    def run(model):
+        return lambda: [prefill(model, b) for b in batches]
+
+    med = compare({"dense": run(dense), "pruned": run(pruned)}, device, repeats, warmup)
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    return {
+        "dense_seconds": med["dense"], "pruned_seconds": med["pruned"],
+        "speedup": med["dense"] / max(med["pruned"], 1e-12), "kind": MEASURED,
+        "how": f"median of {repeats} interleaved prefills ({len(batches)} batch(es), {tokens} prompt tokens), dense vs "
+               f"pruned model in one process, on {describe_device(device)}",
+    }
+
+
+def decode_speedup(dense, pruned, batch: dict, steps: int = 16, repeats: int = 5, warmup: int = 1) -> dict:
+    """Measured decode tokens/s of both models (greedy steps after an untimed prefill, interleaved) and their ratio."""
+    _check_counts(repeats, warmup)
+    for _ in range(warmup):
+        decode_seconds(dense, batch, steps)
+        decode_seconds(pruned, batch, steps)
+    times = {"dense": [], "pruned": []}
+    for _ in range(repeats):
+        times["dense"].append(decode_seconds(dense, batch, steps))
+        times["pruned"].append(decode_seconds(pruned, batch, steps))
+    med = {k: median(v) for k, v in times.items()}
+    rows = int(batch["input_ids"].shape[0])
+    return {
+        "dense_tokens_per_s": rows * steps / med["dense"], "pruned_tokens_per_s": rows * steps / med["pruned"],
+        "speedup": med["dense"] / max(med["pruned"], 1e-12), "kind": MEASURED,
+        "how": f"median of {repeats} interleaved runs of {steps} greedy decode steps x {rows} row(s) after an "
+               f"untimed prefill, on {describe_device(model_device(dense))}",
+    }
+
+
+def scoring_speedup(dense, pruned, samples: SearchSamples, repeats: int = 5, warmup: int = 1) -> dict:
+    """Measured speedup of the search's scoring forward (letter logits over the N samples), two models."""
+    device = model_device(dense)
+    med = compare({"dense": lambda: letter_predictions(dense, samples),
+                   "pruned": lambda: letter_predictions(pruned, samples)}, device, repeats, warmup)
+    return {
+        "dense_seconds": med["dense"], "pruned_seconds": med["pruned"],
+        "speedup": med["dense"] / max(med["pruned"], 1e-12), "kind": MEASURED,
+        "how": f"median of {repeats} interleaved scoring forwards over {len(samples)} samples (prefill of image + "
+               f"prompt), dense vs pruned model in one process, on {describe_device(device)}",
+    }
 
 
 def _swap_in(model, weights: dict[str, torch.Tensor]) -> None:
@@ -45,36 +183,50 @@ def _swap_in(model, weights: dict[str, torch.Tensor]) -> None:
 
 def measure_speedup(model, samples: SearchSamples, dense: dict[str, torch.Tensor],
                     pruned: dict[str, torch.Tensor], repeats: int = 5, warmup: int = 1) -> dict:
-    """Median latency of the scoring forward with `dense` and with `pruned` weights swapped in; the model ends
-    holding the pruned weights."""
+    """Median latency of the scoring forward with `dense` and with `pruned` weights swapped in (same shapes); the
+    model ends holding the pruned weights."""
+    _check_counts(repeats, warmup)
+    device = model_device(model)
     times = {"dense": [], "pruned": []}
-    for _ in range(max(warmup, 0)):
-        _timed_forward(model, samples)
-    for _ in range(max(repeats, 1)):
+    for _ in range(warmup):
+        letter_predictions(model, samples)
+    for _ in range(repeats):
         for kind, weights in (("dense", dense), ("pruned", pruned)):
             _swap_in(model, weights)
-            times[kind].append(_timed_forward(model, samples))
+            times[kind].append(timed(lambda: letter_predictions(model, samples), device))
     _swap_in(model, pruned)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    device = next(model.parameters()).device
+    med = {k: median(v) for k, v in times.items()}
     return {
         "dense_seconds": med["dense"],
         "pruned_seconds": med["pruned"],
         "speedup": med["dense"] / max(med["pruned"], 1e-12),
         "kind": MEASURED,
-        "how": f"median of {max(repeats, 1)} interleaved scoring forwards over {len(samples)} samples, dense vs "
+        "how": f"median of {repeats} interleaved scoring forwards over {len(samples)} samples, dense vs "
                f"pruned weights in one process, on {describe_device(device)} (dense kernels: masks buy no speed)",
     }
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} thread(s))"
+# ---- size and FLOPs ---------------------------------------------------------------------------------------------
+def parameter_count(model, prefix: str | None = None) -> int:
+    """Parameters of the model (or of the submodule at `prefix`), tied weights counted once."""
+    module = model.get_submodule(prefix) if prefix else model
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+@torch.no_grad()
+def prefill_flops(model, batch: dict) -> int:
+    """FLOPs of one prefill of `batch`, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        prefill(model, batch)
+    return int(counter.get_total_flops())
 
 
 def flop_profile(model, samples: SearchSamples, names) -> dict:
-    """{'total': FLOPs of one scoring forward over the samples, 'layers': {name: FLOPs of that linear layer}}."""
+    """{'total': FLOPs of one scoring forward over the samples, 'layers': {name: FLOPs of that linear layer},
+    'rows': {name: rows (tokens) that passed through it}}."""
     from torch.utils.flop_counter import FlopCounterMode
 
     rows: dict[str, int] = {n: 0 for n in names}
@@ -97,12 +249,20 @@ def flop_profile(model, samples: SearchSamples, names) -> dict:
     for name, n_rows in rows.items():
         layer = get_linear(model, name)
         layers[name] = 2 * n_rows * layer.in_features * layer.out_features
-    return {"total": int(counter.get_total_flops()), "layers": layers}
+    return {"total": int(counter.get_total_flops()), "layers": layers, "rows": rows}
 
 
-def estimated_speedup(profile: dict, ratios: dict) -> float:
-    """Dense FLOPs / FLOPs left when every pruned weight's multiply-add is skipped (ideal sparse engine)."""
-    saved = sum(choice_ratio(r) * profile["layers"][n] for n, r in ratios.items())
+def estimated_speedup(profile: dict, ratios: dict, kept: dict[str, float] | None = None) -> float:
+    """Dense FLOPs / FLOPs left when every pruned weight's multiply-add is skipped (ideal sparse engine).
+
+    `kept` ({layer: fraction of its dense FLOPs still computed}, from structured shrinking and dropped tokens) scales
+    each layer before its unstructured ratio applies; other FLOPs (attention scores, vision tower, LM head) are left
+    as they are, so with `kept` this stays an estimate for the linear layers only."""
+    kept = kept or {}
+    saved = 0.0
+    for name, flops in profile["layers"].items():
+        fraction = kept.get(name, 1.0) * (1 - choice_ratio(ratios.get(name, 0.0)))
+        saved += (1 - fraction) * flops
     return profile["total"] / max(profile["total"] - saved, 1.0)
 
 

@@ -1,8 +1,9 @@
 """Calibration: the input statistics of each selected linear layer, gathered block by block with forward hooks.
 
-Two statistics per layer, over the calibration tokens that are not padding:
+Statistics per layer, over the calibration tokens that are not padding:
 - `sq_norms[j]` = sum over tokens of x_j^2 (Wanda's ||X_j||_2^2),
-- `hessian` = mean over tokens of x x^T (SparseGPT's H, up to the factor 2 that cancels out).
+- `hessian` = mean over tokens of x x^T (SparseGPT's H, up to the factor 2 that cancels out),
+- `sums[j]` = sum over tokens of x_j (with `sq_norms`: each input's mean and variance, for structured shrinking).
 
 The vision tower and the projector sit before the language model, so one forward pass of the whole model with hooks
 calibrates them (and captures the decoder's inputs on the way). The decoder is calibrated block by block: the inputs
@@ -24,7 +25,7 @@ import torch.nn as nn
 from efficientllava.pruning.layers import decoder_blocks, find_layers
 
 NON_MODEL_KEYS = ("labels", "last_index")
-STATISTICS = ("sq_norms", "hessian")
+STATISTICS = ("sq_norms", "hessian")  # the default; "sums" on request
 
 
 class CalibrationError(ValueError):
@@ -39,6 +40,7 @@ class InputStats:
     tokens: int
     sq_norms: torch.Tensor | None = None  # (in,): sum over tokens of x_j^2
     hessian: torch.Tensor | None = None  # (in, in): mean over tokens of x x^T
+    sums: torch.Tensor | None = None  # (in,): sum over tokens of x_j
 
     @property
     def column_norms(self) -> torch.Tensor:
@@ -60,6 +62,7 @@ class _Accumulator:
         self.name, self.masked, self.tokens = name, masked, 0
         self.sq = torch.zeros(in_features, device=device) if "sq_norms" in need else None
         self.xtx = torch.zeros(in_features, in_features, device=device) if "hessian" in need else None
+        self.sums = torch.zeros(in_features, device=device) if "sums" in need else None
 
     def add(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
         if self.masked and token_mask is not None and tuple(x.shape[:-1]) == tuple(token_mask.shape):
@@ -75,6 +78,8 @@ class _Accumulator:
             self.sq += x.pow(2).sum(0)
         if self.xtx is not None:
             self.xtx.addmm_(x.T, x)
+        if self.sums is not None:
+            self.sums += x.sum(0)
 
     def finish(self) -> InputStats:
         if self.tokens == 0:
@@ -83,7 +88,7 @@ class _Accumulator:
                 "attention_mask marks at least one real token"
             )
         hessian = self.xtx / self.tokens if self.xtx is not None else None
-        return InputStats(self.name, self.tokens, self.sq, hessian)
+        return InputStats(self.name, self.tokens, self.sq, hessian, self.sums)
 
 
 class InputRecorder:

@@ -1,0 +1,55 @@
+"""The speed harness (no timing is asserted: only what is reported, FLOPs and parameters, and bad input)."""
+import copy
+
+import pytest
+import torch
+
+from efficientllava.evaluation import MODEL_INPUTS
+from efficientllava.pruning.structured import decoder_geometry, shrink_model
+from efficientllava.pruning.toy_calibration import toy_model_and_batches
+from efficientllava.speed import (MEASURED, SpeedError, compare, decode_speedup, estimated_speedup, parameter_count,
+                                  prefill_flops, prefill_speedup)
+from efficientllava.token_pruning import VisualTokenPruner
+
+
+@pytest.fixture(scope="module")
+def dense_and_pruned():
+    model, _, batches = toy_model_and_batches(seed=0, n=8, batch_size=4)
+    pruned = copy.deepcopy(model)
+    shrink_model(pruned, {p: {"mlp": 0.5, "attn": 0.5} for p in decoder_geometry(pruned)}, batches)
+    VisualTokenPruner(pruned, 1, 0.25).attach()
+    return model, pruned, [{k: b[k] for k in MODEL_INPUTS} for b in batches]
+
+
+def unpadded(batch):
+    n = int(batch["attention_mask"][0].sum())
+    return {k: (v[:1, :n] if k != "pixel_values" else v[:1]) for k, v in batch.items()}
+
+
+def test_prefill_and_decode_comparisons_report_measured_speedups(dense_and_pruned):
+    dense, pruned, batches = dense_and_pruned
+    pre = prefill_speedup(dense, pruned, batches, repeats=1, warmup=0)
+    assert pre["kind"] == MEASURED and pre["speedup"] > 0 and "interleaved prefills" in pre["how"]
+    dec = decode_speedup(dense, pruned, unpadded(batches[0]), steps=2, repeats=1, warmup=0)
+    assert dec["kind"] == MEASURED and dec["dense_tokens_per_s"] > 0 and dec["pruned_tokens_per_s"] > 0
+
+
+def test_shrinking_and_dropped_tokens_cut_flops_and_parameters(dense_and_pruned):
+    dense, pruned, batches = dense_and_pruned
+    assert prefill_flops(pruned, batches[0]) < 0.7 * prefill_flops(dense, batches[0])
+    assert parameter_count(pruned) < parameter_count(dense)
+    profile = {"total": 100.0, "layers": {"a": 40.0, "b": 20.0}}
+    assert estimated_speedup(profile, {"a": 0.5}) == pytest.approx(100 / 80)
+    assert estimated_speedup(profile, {"a": 0.5}, kept={"a": 0.5, "b": 0.5}) == pytest.approx(100 / 60)
+
+
+def test_bad_timing_requests_are_refused(dense_and_pruned):
+    dense, pruned, batches = dense_and_pruned
+    with pytest.raises(SpeedError, match="repeats is 0; expected an integer >= 1"):
+        compare({"a": lambda: None}, torch.device("cpu"), repeats=0)
+    with pytest.raises(SpeedError, match="warmup is -1"):
+        compare({"a": lambda: None}, torch.device("cpu"), warmup=-1)
+    with pytest.raises(SpeedError, match="decode timing got a padded batch"):
+        decode_speedup(dense, pruned, batches[0], steps=2, repeats=1)
+    with pytest.raises(SpeedError, match="decode steps is 0"):
+        decode_speedup(dense, pruned, unpadded(batches[0]), steps=0, repeats=1)
