@@ -5,9 +5,11 @@ Two objects:
   granularity: "linear" (every weight matrix alone), "block" (every transformer block, all its linears together) or
   "role" (e.g. every q_proj of the decoder together). It measures a genome's parameter-weighted average sparsity and
   `repair`s any genome onto the budget.
-- `Policy` is what a search hands out and a pruner takes: model identity, pruner, per-layer ratios, budget. It is
-  saved as JSON; loading it against a model whose prunable layers differ raises `PolicyMismatchError` naming the
-  first difference.
+- `Policy` is what a search hands out and a pruner takes: model identity, pruner, per-layer ratios, budget, and
+  optionally structured shrinking ({decoder block: {'mlp': ratio, 'attn': ratio}}, efficientllava/pruning/
+  structured.py) and visual-token pruning ({'layer': K, 'keep': R}, efficientllava/token_pruning.py). It is saved as
+  JSON; loading it against a model whose prunable layers differ raises `PolicyMismatchError` naming the first
+  difference. (The search space over all of these is efficientllava/search/space.py.)
 
 Sparsity is always parameter-weighted over the policy's layers: sum_l s_l * |W_l| / sum_l |W_l|. Every linear layer
 of the language model sees the same tokens, so the same average is the fraction of their matmul FLOPs removed.
@@ -124,8 +126,12 @@ class Policy:
     pruner: dict = field(default_factory=lambda: {"method": "sparsegpt", "sequential": True})
     budget: dict = field(default_factory=dict)  # target_sparsity, tolerance
     search: dict = field(default_factory=dict)  # free-form provenance: granularity, choices, genome, fitness
+    structure: dict = field(default_factory=dict)  # {decoder block path: {'mlp': ratio, 'attn': ratio}}
+    tokens: dict = field(default_factory=dict)  # {'layer': K, 'keep': R}; empty: no visual-token pruning
 
     def __post_init__(self):
+        self._check_structure()
+        self._check_tokens()
         for name, value in self.ratios.items():
             if name not in self.model.layers:
                 raise PolicyMismatchError(
@@ -136,6 +142,47 @@ class Policy:
                 check_fits(parse_target(value), self.model.layers[name][1], layer=name)
             except ValueError as err:
                 raise PolicyMismatchError(str(err)) from None
+
+    def blocks(self) -> list[str]:
+        """Decoder block paths of the model's language model, from the identity's layer names."""
+        from efficientllava.pruning.layers import BLOCK, classify
+
+        paths = {}
+        for name in self.model.layers:
+            kind = classify(name)
+            if kind and kind[0] == "language_model" and kind[1] is not None:
+                match = BLOCK.match(name)
+                paths[kind[1]] = f"{match['prefix']}.{match['index']}"
+        return [paths[i] for i in sorted(paths)]
+
+    def _check_structure(self) -> None:
+        if not self.structure:
+            return
+        blocks = set(self.blocks())
+        for path, ratios in self.structure.items():
+            if path not in blocks:
+                raise PolicyMismatchError(f"policy shrinks block {path!r}, which is not a decoder block of its model "
+                                          f"'{self.model.path}'")
+            if not isinstance(ratios, dict) or set(ratios) - {"mlp", "attn"}:
+                raise PolicyMismatchError(f"policy structure for block {path!r} is {ratios!r}; expected "
+                                          "{'mlp': ratio, 'attn': ratio}")
+            for key, value in ratios.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                    raise PolicyMismatchError(f"policy asks block {path!r} for {key} ratio {value!r}; expected a "
+                                              "ratio in [0, 1) (the fraction removed)")
+
+    def _check_tokens(self) -> None:
+        if not self.tokens:
+            return
+        from efficientllava.token_pruning import TokenPruningError, check_keep, check_layer
+
+        if set(self.tokens) != {"layer", "keep"}:
+            raise PolicyMismatchError(f"policy tokens are {self.tokens!r}; expected {{'layer': K, 'keep': R}}")
+        try:
+            check_layer(self.tokens["layer"], len(self.blocks()))
+            check_keep(self.tokens["keep"])
+        except TokenPruningError as err:
+            raise PolicyMismatchError(f"policy tokens: {err}") from None
 
     @property
     def params(self) -> int:
@@ -166,6 +213,8 @@ class Policy:
             "budget": dict(self.budget),
             "sparsity": round(self.sparsity(), 6),
             "ratios": dict(self.ratios),
+            **({"structure": {k: dict(v) for k, v in self.structure.items()}} if self.structure else {}),
+            **({"tokens": dict(self.tokens)} if self.tokens else {}),
             "search": dict(self.search),
         }
 
@@ -190,7 +239,7 @@ class Policy:
                 f"({identity.hash}); the file was edited by hand"
             )
         return cls(identity, dict(data["ratios"]), dict(data.get("pruner", {})), dict(data.get("budget", {})),
-                   dict(data.get("search", {})))
+                   dict(data.get("search", {})), dict(data.get("structure", {})), dict(data.get("tokens", {})))
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None, model_path: str | None = None) -> "Policy":
@@ -258,6 +307,15 @@ class SearchSpace:
     @property
     def n_choices(self) -> int:
         return len(self.choices)
+
+    @property
+    def gene_sizes(self) -> list[int]:
+        """Choices per gene (the same for every group here; the joint space of search/space.py mixes sizes)."""
+        return [self.n_choices] * self.n_groups
+
+    @property
+    def gene_names(self) -> list[str]:
+        return [g.name for g in self.groups]
 
     # ---- genome -> policy ---------------------------------------------------------------------------------------
     def ratios(self, genome) -> dict[str, object]:

@@ -19,7 +19,8 @@ def test_multirun_sweep_and_collect(tmp_path, random_toy_dir):
         [sys.executable, "search.py", "-m", f"model.path={toy}", "model.device=cpu",
          "data.build.sizes={train:8,val:16,test:16}", f"+data.build.cache_dir={tmp_path / 'cache'}", "logger=none",
          "n_search=8", "n_heldout=8", "heldout_top=1", "speed_repeats=1", "save_pruned_model=false",
-         "search.population=4", "search.generations=1", "search.top_k=2",
+         "search.population=4", "search.generations=1", "search.top_k=2", "search.latency.min_speedup=null",
+         "search.latency.repeats=1", "search.latency.measure_front=1",
          "search.target_sparsity=0.3,0.7", "seed=0,1", f"hydra.sweep.dir={sweep}"],
         cwd=ROOT, env=env, check=True, capture_output=True)
     jobs = sorted(p for p in sweep.iterdir() if (p / "summary.json").is_file())

@@ -35,7 +35,8 @@ def test_resume_after_sigkill_reuses_trials_and_matches_an_uninterrupted_run(tmp
     args = [f"model.path={toy}", "model.device=cpu", "data.build.sizes={train:8,val:16,test:16}",
             f"+data.build.cache_dir={tmp_path / 'cache'}", "logger=none", "n_search=8", "n_heldout=8",
             "heldout_top=1", "speed_repeats=1", "search.population=4", "search.generations=10", "search.top_k=2",
-            "search.projector.every=3", "search.projector.top_k=2", "search.projector.steps=2"]
+            "search.projector.every=3", "search.projector.top_k=2", "search.projector.steps=2",
+            "search.latency.min_speedup=null", "search.latency.repeats=1", "search.latency.measure_front=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
 
     def command(run_dir):

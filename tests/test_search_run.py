@@ -31,7 +31,9 @@ def tiny(toy_dir, tmp_path_factory):
     return [f"model.path={toy_dir}", "model.device=cpu", "data.build.sizes={train:8,val:32,test:32}",
             f"+data.build.cache_dir={cache}", "logger=none", "n_search=8", "n_heldout=16", "heldout_top=1",
             "speed_repeats=1", "search.population=4", "search.generations=2", "search.top_k=2",
-            "search.projector.every=1", "search.projector.top_k=2", "search.projector.steps=1"]
+            "search.projector.every=1", "search.projector.top_k=2", "search.projector.steps=1",
+            # the unstructured search alone (structure, tokens and latency: tests/test_search_acceleration.py)
+            "search.structure.enabled=false", "search.tokens.enabled=false", "search.latency.min_speedup=null"]
 
 
 def compose_search(overrides=()):

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from efficientllava.policy import SearchSpace
+from efficientllava.policy import SearchSpace  # or search.space.JointSpace: the same interface
 
 
 @dataclass
@@ -60,10 +60,11 @@ def rank(records: list[dict]) -> list[dict]:
 
 def mutate(space: SearchSpace, genome, prob: float, max_step: int, rng: np.random.Generator) -> list[int]:
     out = list(genome)
+    sizes = space.gene_sizes
     for i in range(len(out)):
         if rng.random() < prob:
             step = int(rng.integers(1, max_step + 1)) * (1 if rng.random() < 0.5 else -1)
-            out[i] = int(min(max(out[i] + step, 0), space.n_choices - 1))
+            out[i] = int(min(max(out[i] + step, 0), sizes[i] - 1))
     return out
 
 

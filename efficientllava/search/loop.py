@@ -29,6 +29,7 @@ from efficientllava.policy import ModelIdentity, Policy, PolicyMismatchError, Se
 from efficientllava.projector import load_projector, save_projector, train_projector
 from efficientllava.pruning import PruningBank, get_linear, prune_model, pruner_options, select_from_config, sparsity
 from efficientllava.search import baselines
+from efficientllava.search.acceleration import Acceleration, budget_summary
 from efficientllava.search.evolution import rank, run_evolution
 from efficientllava.search.fitness import (FitnessEvaluator, SearchSamples, forward_seconds, sample_metric,
                                            task_scores)
@@ -36,7 +37,8 @@ from efficientllava.search.pareto import mark_front, plot_front
 from efficientllava.search.settings import SearchSettings, SettingsError, read_settings
 from efficientllava.search.tracking import SearchTracker
 from efficientllava.search.trials import TrialStore, sqlite_url
-from efficientllava.speed import ESTIMATE_HOW, ESTIMATED, estimated_speedup, flop_profile, measure_speedup
+from efficientllava.speed import (ESTIMATE_HOW, ESTIMATED, estimated_speedup, flop_profile, measure_speedup,
+                                  parameter_count, scoring_speedup)
 
 log = logging.getLogger("search")
 
@@ -105,8 +107,15 @@ class SearchRun:
                 "true; expected one or the other (the bank would overwrite the trained projector): drop "
                 "'projector' from bank.layers.components or set search.projector.enabled=false")
         self.space = SearchSpace(self.layers, s.choices, s.granularity, s.target, s.tolerance)
-        self.strategy_space = (baselines.block_space(self.space) if s.strategy in ("owl", "ecoflap")
-                               else self.space)
+        # structured shrinking, visual tokens and the latency budget join the space (search/acceleration.py)
+        self.accel = Acceleration.setup(cfg.search, self.model, self.space)
+        if self.accel is not None:
+            self.space = self.accel.space
+        if s.strategy in ("owl", "ecoflap"):
+            block = baselines.block_space(self.weight_space(self.space))
+            self.strategy_space = self.accel.strategy_space(block) if self.accel is not None else block
+        else:
+            self.strategy_space = self.space
         self.seeds = []
         if s.init_policy:
             policy = Policy.load(s.init_policy, self.model, self.model_path)
@@ -114,17 +123,19 @@ class SearchRun:
             if missing:
                 raise PolicyMismatchError(f"policy file '{s.init_policy}' has no ratio for searched layer "
                                           f"{missing[0]!r}; expected a policy over the same layers (bank.layers)")
-            self.seeds = [self.space.from_ratios(policy.ratios)]
+            self.seeds = [self.space.from_policy(policy) if self.accel is not None
+                          else self.space.from_ratios(policy.ratios)]
         self.bank_options = pruner_options(cfg.bank)
         self.final_options = pruner_options(cfg.final)
         fingerprint = s.fingerprint({
             "model": self.identity.hash, "layers": len(self.names), "bank": self.bank_options["method"],
             "data_seed": OmegaConf.select(cfg, "data.build.seed", default=None),
+            **({"acceleration": self.accel.settings.fingerprint()} if self.accel is not None else {}),
         })
         url = s.storage or sqlite_url(self.run_dir)
         study = self.cfg.search.get("study_name") or s.strategy
-        self.store = TrialStore(url, study, [g.name for g in self.strategy_space.groups],
-                                self.strategy_space.n_choices, fingerprint, s.shared, s.claim_timeout_s)
+        self.store = TrialStore(url, study, self.strategy_space.gene_names, self.strategy_space.gene_sizes,
+                                fingerprint, s.shared, s.claim_timeout_s)
         self.tracker = SearchTracker(build_loggers(cfg.get("logger")),
                                      OmegaConf.to_container(cfg.search, resolve=True))
 
@@ -140,6 +151,8 @@ class SearchRun:
         self.dense_heldout = accuracy_by_category(model, self.heldout)
         self.dense_seconds = forward_seconds(model, self.samples, repeats=3)
         self.profile = flop_profile(model, self.samples, self.names)
+        if self.accel is not None:  # importance, latency table (measured or loaded and checked), latency budget
+            self.accel.reference(self.samples, self.calib_batches, self.identity.hash, self.run_dir)
         start = time.perf_counter()
         o = self.bank_options
         self.bank = PruningBank.build(model, self.names, s.choices, o["method"], self.calib_batches,
@@ -147,6 +160,8 @@ class SearchRun:
                                       directory=self.cfg.bank.get("directory"), blocksize=o["blocksize"],
                                       damp=o["damp"], offload=o["offload"])
         self.evaluator = FitnessEvaluator(model, self.bank, self.samples, s.eta)
+        if self.accel is not None:
+            self.accel.attach(self.bank, self.evaluator.table)
         self.bank_seconds = time.perf_counter() - start
         log.info("dense: %.2f%% on %d search samples, %.2f%% held-out; bank built in %.1fs",
                  self.dense_search["acc"], len(self.samples), self.dense_heldout["acc"], self.bank_seconds)
@@ -159,8 +174,12 @@ class SearchRun:
                  for i, g in enumerate(genomes)]
 
         def evaluate(genome):
+            if self.accel is not None:
+                self.accel.apply(genome, space)
             result = self.evaluator(space.ratios(genome))
             result["sparsity"] = space.sparsity(genome)
+            if self.accel is not None:
+                result.update(self.accel.score(space, genome, result, s.eta))
             return result
 
         records = self.store.evaluate_all(items, evaluate)
@@ -174,6 +193,10 @@ class SearchRun:
         rows = self.rows()
         best = rank(records)[0]
         self.tracker.generation(generation, rows, {**best, "search_acc": best["acc"]})
+
+    def weight_space(self, space):
+        """The unstructured part of a (joint) search space: what the baselines allocate."""
+        return space.unstructured if self.accel is not None else space
 
     def run_strategy(self) -> None:
         s = self.settings
@@ -196,13 +219,15 @@ class SearchRun:
                 genomes = baselines.random_genomes(self.space, s.options["n_candidates"], s.seed)
                 self.allocation = {}
             elif s.strategy == "owl":
-                genomes, self.allocation = baselines.owl_genomes(self.model, self.strategy_space,
+                genomes, self.allocation = baselines.owl_genomes(self.model, self.weight_space(self.strategy_space),
                                                                  self.calib_batches, s.options["M"],
                                                                  s.options["lam"])
             else:
                 genomes, self.allocation = baselines.ecoflap_genomes(
-                    self.model, self.strategy_space, self.loss_batches, s.options["eps"],
+                    self.model, self.weight_space(self.strategy_space), self.loss_batches, s.options["eps"],
                     s.options["directions"], s.options["s_max_offset"], s.seed)
+            if self.accel is not None and s.strategy in ("owl", "ecoflap"):  # no structure/tokens, then repaired
+                genomes = [self.strategy_space.extend(g) for g in genomes]
             if self.strategy_space is self.space:
                 genomes = [*genomes, *self.seeds]
             records = []
@@ -228,8 +253,11 @@ class SearchRun:
         else:
             top = ranked[: p.top_k]
             start = time.perf_counter()
-            losses = train_projector(self.model, self.bank, [self.space.ratios(t["genome"]) for t in top],
-                                     self.loss_batches, p.steps, p.lr, p.weight_decay)
+            bank, policies = self.bank, [self.space.ratios(t["genome"]) for t in top]
+            if self.accel is not None:  # each policy with its structure and visual tokens
+                bank = self.accel.bank_view(self.bank)
+                policies = [self.accel.policy_ratios(self.space, t["genome"]) for t in top]
+            losses = train_projector(self.model, bank, policies, self.loss_batches, p.steps, p.lr, p.weight_decay)
             save_projector(path, self.model)
             info = {"round": r, "before_generation": generation, "policies": [t["id"] for t in top],
                     "losses": losses, "seconds": time.perf_counter() - start}
@@ -246,7 +274,7 @@ class SearchRun:
         rows = []
         for record in sorted(self.seen.values(), key=lambda r: r["id"]):
             ratios = space.ratios(record["genome"])
-            rows.append({
+            row = {
                 "id": record["id"],
                 "strategy": record.get("strategy", self.settings.strategy),
                 "generation": record.get("generation"),
@@ -260,30 +288,50 @@ class SearchRun:
                 "G": record["G"],
                 "fitness": record["fitness"],
                 "seconds": record.get("seconds"),
-            })
+            }
+            if self.accel is not None:  # measured where measured, else predicted by the latency table
+                row.update(self.accel.speed_columns(space, record["genome"], self.profile))
+            rows.append(row)
         return mark_front(rows)
 
     # 5. the final pruned model
     def finish(self) -> dict:
         s, model, space = self.settings, self.model, self.strategy_space
+        accel = self.accel
         for record in self.final_candidates[: s.heldout_top]:
             self.bank.assemble(model, space.ratios(record["genome"]))
+            if accel is not None:
+                accel.apply(record["genome"], space)
             self.heldout_acc[record["id"]] = accuracy_by_category(model, self.heldout)["acc"]
         self.bank.restore(model)
+        front_measured = 0
+        if accel is not None:  # real copies of the predicted front, timed against the dense model
+            front_measured = accel.measure_front(space, self.rows, self.samples)
         best = self.final_candidates[0]
         ratios = space.ratios(best["genome"])
 
         o = self.final_options
         start = time.perf_counter()
-        prune_model(model, ratios, o["method"], self.calib_batches, sequential=o["sequential"],
-                    blocksize=o["blocksize"], damp=o["damp"], offload=o["offload"])
+
+        def prune_weights():
+            prune_model(model, ratios, o["method"], self.calib_batches, sequential=o["sequential"],
+                        blocksize=o["blocksize"], damp=o["damp"], offload=o["offload"])
+
+        dense_model = accel.finalize(space, best["genome"], prune_weights) if accel is not None else prune_weights()
         prune_seconds = time.perf_counter() - start
         pruned_search = accuracy_by_category(model, self.samples)
         pruned_heldout = accuracy_by_category(model, self.heldout)
-        dense = {n: self.bank.weight(n, 0.0) for n in self.names}
-        pruned = {n: get_linear(model, n).weight.detach().clone() for n in self.names}
-        measured = measure_speedup(model, self.samples, dense, pruned, repeats=s.speed_repeats)
-        estimated = estimated_speedup(self.profile, ratios)
+        if accel is not None:  # the shrunk model against a dense copy, both real
+            measured = scoring_speedup(dense_model, model, self.samples, repeats=s.speed_repeats)
+            columns = accel.speed_columns(space, best["genome"], self.profile)
+            estimated, predicted = columns["estimated_speedup"], columns["predicted_speedup"]
+            parameters = {"dense": parameter_count(dense_model), "pruned": parameter_count(model)}
+            del dense_model
+        else:
+            dense = {n: self.bank.weight(n, 0.0) for n in self.names}
+            pruned = {n: get_linear(model, n).weight.detach().clone() for n in self.names}
+            measured = measure_speedup(model, self.samples, dense, pruned, repeats=s.speed_repeats)
+            estimated = estimated_speedup(self.profile, ratios)
 
         policy = space.policy(best["genome"], self.identity,
                               {"method": o["method"], "sequential": o["sequential"]},
@@ -297,6 +345,9 @@ class SearchRun:
                      "search_acc": pruned_search["acc"], "heldout_acc": pruned_heldout["acc"],
                      "speedup": estimated, "measured_speedup": measured["speedup"],
                      "sparsity": sparsity(model, self.names), "candidate": best["id"]}
+        if accel is not None:  # the final point sits at its measured speed
+            final_row.update({"speedup": measured["speedup"], "speedup_kind": "measured",
+                              "predicted_speedup": predicted, "estimated_speedup": estimated})
         summary = {
             "strategy": s.strategy,
             "model": self.model_path,
@@ -334,6 +385,14 @@ class SearchRun:
             "projector_rounds": self.rounds,
             "allocation": self.allocation,
         }
+        if accel is not None:
+            summary["speedup"].update({"predicted": predicted, "predicted_how": "latency table measured on this "
+                                       "machine (latency_table.json), calibrated end to end",
+                                       "estimated_how": "FLOPs (torch.utils.flop_counter) with the linear layers' "
+                                       "kept share: shrinking, dropped tokens, unstructured ratio (ideal sparse "
+                                       "engine)", "front_measured": front_measured, **budget_summary(accel)})
+            summary["pruned"].update({"structure": policy.structure, "tokens": policy.tokens,
+                                      "parameters": parameters})
         self.write_outputs(summary, rows, policy, final_row)
         summary["total_seconds"] = time.perf_counter() - self.t0
         write_json(self.run_dir / "summary.json", summary)
@@ -354,17 +413,25 @@ class SearchRun:
         summary["outputs"] = outputs
         policy.save(d / "best_policy.json")
         dense_point = {"search_acc": summary["dense"]["search_acc"], "speedup": 1.0}
+        speed_axis = f"{ESTIMATED}: {ESTIMATE_HOW}"
+        if self.accel is not None:
+            speed_axis = ("measured (end to end on this machine, dense vs a real copy of the candidate) where "
+                          "speedup_kind is 'measured', else predicted by the latency table measured on this machine "
+                          "('latency_table'); estimated_speedup: FLOPs of the linear layers kept (ideal sparse "
+                          "engine for the unstructured part)")
         write_json(d / "pareto.json", {
             "strategy": self.settings.strategy,
             "axes": {"accuracy": "search_acc (% on the N search samples, letter scoring, bank-assembled candidate)",
-                     "speedup": f"{ESTIMATED}: {ESTIMATE_HOW}"},
+                     "speedup": speed_axis},
             "dense": {**dense_point, "heldout_acc": summary["dense"]["heldout_acc"]},
             "final": final_row,
             "candidates": rows,
         })
+        xlabel = ("speedup (measured on this machine; latency-table prediction where not measured)"
+                  if self.accel is not None else "speedup (estimated, ideal sparse engine)")
         plot_front(d / "pareto.png", {self.settings.strategy: rows},
                    title=f"{self.settings.strategy}: target sparsity {self.settings.target}, N={len(self.samples)}",
-                   dense=dense_point, finals={self.settings.strategy: final_row})
+                   dense=dense_point, finals={self.settings.strategy: final_row}, xlabel=xlabel)
 
 
 def _read_json(path: Path):
@@ -392,7 +459,12 @@ def report(summary: dict) -> str:
         f"{d['heldout_acc']:.2f}% -> pruned {p['heldout_acc']:.2f}%  (search samples: {d['search_acc']:.2f}% -> "
         f"{p['search_acc']:.2f}%)",
         f"  sparsity {p['sparsity']:.4f} ({p['pruner']}, projector {p['projector']})",
-        f"  speedup: measured {sp['measured']:.2f}x ({sp['measured_how']}); estimated {sp['estimated']:.2f}x "
-        "(ideal sparse engine)",
+        *([f"  structure: {len(p['structure'])} block(s) shrunk, parameters {p['parameters']['dense']:,} -> "
+           f"{p['parameters']['pruned']:,}; visual tokens: "
+           + (f"keep {p['tokens']['keep']} after layer {p['tokens']['layer']}" if p["tokens"] else "all kept")]
+          if "structure" in p else []),
+        f"  speedup: measured {sp['measured']:.2f}x ({sp['measured_how']}); "
+        + (f"predicted {sp['predicted']:.2f}x (latency table); " if "predicted" in sp else "")
+        + f"estimated {sp['estimated']:.2f}x (FLOPs, ideal sparse engine)",
         f"  outputs: {summary['run_dir']}",
     ])

@@ -33,7 +33,7 @@ class StudyMismatchError(ValueError):
 
 
 class TrialStore:
-    def __init__(self, url: str, study_name: str, group_names: list[str], n_choices: int, fingerprint: dict,
+    def __init__(self, url: str, study_name: str, group_names: list[str], n_choices, fingerprint: dict,
                  shared: bool = False, claim_timeout_s: float = 600.0, poll_s: float = 1.0):
         import optuna
         from optuna.distributions import IntDistribution
@@ -42,7 +42,10 @@ class TrialStore:
         self.url, self.shared = url, shared
         self.claim_timeout_s, self.poll_s = float(claim_timeout_s), float(poll_s)
         self.group_names = list(group_names)
-        self.distributions = {g: IntDistribution(0, n_choices - 1) for g in self.group_names}
+        sizes = list(n_choices) if isinstance(n_choices, (list, tuple)) else [int(n_choices)] * len(self.group_names)
+        if len(sizes) != len(self.group_names):
+            raise ValueError(f"{len(sizes)} choice counts for {len(self.group_names)} genes; expected one per gene")
+        self.distributions = {g: IntDistribution(0, n - 1) for g, n in zip(self.group_names, sizes)}
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.storage = optuna.storages.RDBStorage(url)

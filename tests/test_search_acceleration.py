@@ -1,0 +1,83 @@
+"""search.py with structured shrinking and visual-token pruning in the policy space: outputs, the reloaded pruned
+model, resume, and bad input refused before any work."""
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import efficientllava  # noqa: F401  (config resolvers)
+from efficientllava.latency import LatencyTableError
+from efficientllava.search import loop
+from efficientllava.search.settings import SettingsError
+from test_search_run import CONF, toy_dir  # noqa: F401  (module fixture: a random toy saved like a checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tiny(toy_dir, tmp_path_factory):  # noqa: F811
+    cache = tmp_path_factory.mktemp("cache")
+    return [f"model.path={toy_dir}", "model.device=cpu", "data.build.sizes={train:8,val:32,test:32}",
+            f"+data.build.cache_dir={cache}", "logger=none", "n_search=8", "n_heldout=16", "heldout_top=1",
+            "speed_repeats=1", "search.population=4", "search.generations=2", "search.top_k=2",
+            "search.projector.every=1", "search.projector.top_k=2", "search.projector.steps=1",
+            "search.latency.min_speedup=null", "search.latency.repeats=1", "search.latency.measure_front=3"]
+
+
+def compose_search(overrides=()):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("search", overrides=list(overrides))
+
+
+def test_joint_search_writes_speed_columns_and_a_loadable_shrunk_model(tiny, tmp_path):
+    from efficientllava.models import load_llava
+    from efficientllava.search.fitness import SearchSamples, letter_accuracy
+    from efficientllava.search.settings import read_settings
+
+    cfg = compose_search(tiny + ["search.init_policy=null"])
+    summary = loop.run_search(cfg, tmp_path)
+    rows = json.loads((tmp_path / "pareto.json").read_text())["candidates"]
+    assert (tmp_path / "latency_table.json").is_file()
+    assert {r["speedup_kind"] for r in rows} <= {"measured", "latency_table"}
+    measured = [r for r in rows if r["speedup_kind"] == "measured"]
+    assert 1 <= len(measured) and all(r["speedup"] == r["measured_speedup"] for r in measured)
+    assert all(r["on_front"] for r in rows if r["on_front"] and r["speedup_kind"] == "measured")
+    assert all(r["predicted_speedup"] > 0 and r["estimated_speedup"] >= 1 for r in rows)
+    assert summary["speedup"]["front_measured"] == len({json.dumps(r["policy"]["genome"]) for r in measured})
+    assert "predicted" in summary["speedup"] and summary["pruned"]["parameters"]["pruned"] > 0
+
+    policy = json.loads((tmp_path / "best_policy.json").read_text())
+    assert policy["structure"] == summary["pruned"]["structure"] and policy.get("tokens", {}) == \
+        summary["pruned"]["tokens"]
+    model, processor = load_llava(tmp_path / "pruned_model", device="cpu")  # rebuilt sizes, tokens re-attached
+    search_records, _ = loop.load_records(cfg, read_settings(cfg), processor)
+    samples = SearchSamples.build(search_records, processor, 64)
+    assert letter_accuracy(model, samples) == pytest.approx(summary["pruned"]["search_acc"])
+
+    again = loop.run_search(cfg, tmp_path)  # resumed: the run's latency table and every trial are reused
+    assert again["candidates_evaluated_this_run"] == 0
+    assert json.loads((tmp_path / "best_policy.json").read_text())["search"]["genome"] == policy["search"]["genome"]
+
+    table = json.loads((tmp_path / "latency_table.json").read_text())
+    table["device"] = "NVIDIA H100 80GB HBM3"
+    (tmp_path / "latency_table.json").write_text(json.dumps(table))
+    with pytest.raises(LatencyTableError, match="measured with device 'NVIDIA H100 80GB HBM3'; this run has 'CPU"):
+        loop.run_search(cfg, tmp_path)
+
+
+@pytest.fixture
+def no_bank(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the bank was built before the bad input was caught")
+
+    monkeypatch.setattr(loop.PruningBank, "build", fail)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (["search.tokens.keep=[0.5,1.5]"], SettingsError, r"search.tokens: visual-token keep ratio R is 1.5"),
+    (["search.tokens.layers=[2,4]"], SettingsError, r"search.tokens: .*K=4, but the language model has 4 decoder"),
+    (["search.structure.attn_choices=[0.0,0.25]"], SettingsError, r"search.structure: .*grouped-query attention"),
+    (["search.latency.min_speedup=50"], ValueError, r"speedup >= 50.00x\) cannot be met"),
+])
+def test_bad_structure_token_and_budget_settings_stop_before_the_bank(tiny, tmp_path, no_bank, overrides, error,
+                                                                      match):
+    with pytest.raises(error, match=match):
+        loop.run_search(compose_search(tiny + overrides), tmp_path)
