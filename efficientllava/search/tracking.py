@@ -1,8 +1,9 @@
 """Logging a search to the configured loggers (conf/logger): per generation and at the end.
 
 With W&B (offline unless `logger.wandb.offline=false`; nothing waits for the network) every generation logs a
-`wandb.Table` of all candidates so far, a scatter plot of accuracy vs estimated speedup over it, and updates the run
-summary. Other Lightning loggers (CSV) get the scalar metrics. No logger: nothing happens.
+`wandb.Table` of all candidates so far, a scatter plot of accuracy vs speedup over it (measured, predicted by the
+latency table or estimated: `speedup_kind`), and updates the run summary. Other Lightning loggers (CSV) get the
+scalar metrics. No logger: nothing happens.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 log = logging.getLogger(__name__)
 
 COLUMNS = ("id", "strategy", "generation", "projector_round", "search_acc", "heldout_acc", "sparsity", "speedup",
-           "G", "fitness", "on_front")
+           "speedup_kind", "G", "fitness", "on_front")
 
 
 class SearchTracker:
@@ -44,7 +45,7 @@ class SearchTracker:
         for run in self.wandb_runs:
             run.log({**metrics, "search/candidate_table": table,
                      "search/front": wandb.plot.scatter(table, "speedup", "search_acc",
-                                                        title="accuracy vs estimated speedup")}, step=step)
+                                                        title="accuracy vs speedup (speedup_kind says how)")}, step=step)
             run.summary.update(metrics)
 
     def finish(self, summary: dict, step: int) -> None:

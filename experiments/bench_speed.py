@@ -1,0 +1,229 @@
+"""Dense vs pruned prefill latency and decode tokens/s, measured in one process (interleaved, median); markdown tables.
+
+    python experiments/bench_speed.py                                  # the shipped toy on the CPU (+ 7B shape on CUDA)
+    python experiments/bench_speed.py --pruned-model outputs/search/<run>/pruned_model   # add a searched model
+    python experiments/bench_speed.py --only 7b                        # LLaVA-1.5-7B shape only (CUDA)
+
+Toy, on the device at hand: prefill (image + prompt, ~53 tokens of which 16 are image tokens) of B distinct toy
+prompts at B = 1, 8, 64, and 16 greedy decode steps at B = 1, 8 (one prompt repeated: no padding). Plans: fixed
+structured / visual-token plans, shrunk for real with FLAP importance (64 toy val prompts) and bias compensation, and
+a searched pruned model (`--pruned-model`, e.g. a search's pruned_model/, loaded with its recorded sizes and token
+pruning). Columns: held-out letter accuracy on the first `--n-test` records of the toy test split, parameters,
+prefill FLOPs of one B=8 batch, measured prefill speedup per B, measured decode speedup per B.
+
+LLaVA-1.5-7B shape (CUDA only): LLaVA-1.5's published sizes (CLIP ViT-L/14-336, Vicuna-7B) with random weights in
+float16, 576 image tokens + 64 text tokens, B = 1 and 8; plans: half the MLP channels and half the heads of every
+block, FastV after layer 2 keeping 25% of the image tokens, and both; prefill ms and speedup, decode tokens/s and
+speedup. Then 2:4 matmuls of the MLP shapes, dense vs torch's semi-structured tensors (default backend, CUTLASS and
+cuSPARSELt) at 640 and 8 x 640 tokens: what `pruning/semi_structured.export_semi_structured` decides from.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from efficientllava.evaluation import MODEL_INPUTS
+from efficientllava.pruning.structured import compute_importance, decoder_geometry, record_structure, shrink_block
+from efficientllava.pruning.structured import shrink_model
+from efficientllava.speed import (decode_speedup, describe_device, parameter_count, prefill_flops, prefill_speedup)
+from efficientllava.token_pruning import VisualTokenPruner
+
+TOY_PLANS = {  # name: (MLP ratio, attention ratio, (K, R) or None)
+    "MLP 50%": (0.5, 0.0, None),
+    "MLP 50% + heads 50%": (0.5, 0.5, None),
+    "FastV K=1 R=0.25": (0.0, 0.0, (1, 0.25)),
+    "MLP 50% + heads 50% + FastV K=1 R=0.25": (0.5, 0.5, (1, 0.25)),
+    "MLP 75% + heads 50% + FastV K=1 R=0.25": (0.75, 0.5, (1, 0.25)),
+}
+BIG_PLANS = {
+    "MLP 50% + heads 50%": (0.5, 0.5, None),
+    "FastV K=2 R=0.25": (0.0, 0.0, (2, 0.25)),
+    "MLP 50% + heads 50% + FastV K=2 R=0.25": (0.5, 0.5, (2, 0.25)),
+}
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS}
+
+
+# ---- toy ----------------------------------------------------------------------------------------------------------
+def toy_batches(processor, records, sizes):
+    from efficientllava.data.collate import Collator
+    from efficientllava.data.prompts import LETTER
+
+    collator = Collator(processor)
+    prefill = {b: inputs(collator.prompts(records[:b], [LETTER] * b)) for b in sizes}
+    one = inputs(collator.prompts(records[:1], [LETTER]))
+    decode = {b: {k: v.expand(b, *v.shape[1:]).contiguous() for k, v in one.items()} for b in (1, 8)}
+    return prefill, decode
+
+
+def toy_plan(model, scores, mlp: float, attn: float, tokens):
+    pruned = copy.deepcopy(model)
+    if mlp or attn:
+        shrink_model(pruned, {p: {"mlp": mlp, "attn": attn} for p in decoder_geometry(pruned)}, scores=scores)
+    if tokens:
+        VisualTokenPruner(pruned, *tokens).attach()
+    return pruned
+
+
+def bench_toy(args) -> None:
+    from efficientllava.evaluation import evaluate
+    from efficientllava.models import TOY_MODEL_DIR, load_llava
+    from efficientllava.pruning.toy_calibration import toy_records
+
+    device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    dense, processor = load_llava(TOY_MODEL_DIR, device=device)
+    val, test = toy_records(64, "val"), toy_records(args.n_test, "test")
+    calibration, _ = toy_batches(processor, val, [64])
+    scores = compute_importance(dense, [calibration[64]], "flap")
+    prefill, decode = toy_batches(processor, val, (1, 8, 64))
+    models = {name: toy_plan(dense, scores, *plan) for name, plan in TOY_PLANS.items()}
+    if args.pruned_model:
+        models[f"searched ({args.pruned_model})"] = load_llava(args.pruned_model, device=device)[0]
+    print(f"\nToy LLaVA, {describe_device(torch.device(device))}, torch {torch.__version__}: prefill (image + "
+          f"prompt) of B toy prompts, {args.decode_steps} greedy decode steps; median of {args.repeats} interleaved "
+          "runs, dense and pruned in one process\n")
+    dense_acc = evaluate(dense, processor, test, "letter")["acc"]
+    header = ["plan", f"test acc (letter, {len(test)})", "params", "prefill GFLOPs (B=8)",
+              *[f"prefill x (B={b})" for b in prefill], *[f"decode x (B={b})" for b in decode]]
+    rows = [["dense", f"{dense_acc:.2f}", f"{parameter_count(dense):,}", f"{prefill_flops(dense, prefill[8]) / 1e9:.3f}",
+             *["1.00"] * (len(prefill) + len(decode))]]
+    for name, model in models.items():
+        acc = evaluate(model, processor, test, "letter")["acc"]
+        pre = [prefill_speedup(dense, model, [prefill[b]], args.repeats, 2)["speedup"] for b in prefill]
+        dec = [decode_speedup(dense, model, decode[b], args.decode_steps, args.repeats, 1)["speedup"] for b in decode]
+        rows.append([name, f"{acc:.2f}", f"{parameter_count(model):,}", f"{prefill_flops(model, prefill[8]) / 1e9:.3f}",
+                     *[f"{x:.2f}" for x in pre + dec]])
+    print(table(header, rows))
+
+
+# ---- LLaVA-1.5-7B shape -------------------------------------------------------------------------------------------
+IMAGE_TOKEN = 32000
+
+
+def llava15_7b(device, dtype):
+    """LLaVA-1.5-7B's shapes (llava-hf/llava-1.5-7b-hf config values) with random weights."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, pad_token_id=0)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                         image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def big_batch(rows: int, device, dtype) -> dict:
+    """576 image tokens + 64 text tokens per row, LLaVA-1.5's layout (text, image, text)."""
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(100, 30000, (rows, 64), generator=gen)
+    ids = torch.cat([text[:, :8], torch.full((rows, 576), IMAGE_TOKEN), text[:, 8:]], dim=1)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": torch.randn(rows, 3, 336, 336, generator=gen).to(device, dtype)}
+
+
+def big_plan(model, mlp: float, attn: float, tokens):
+    pruned = copy.deepcopy(model)
+    for path, g in decoder_geometry(pruned).items():  # random weights: keep the first units (speed only)
+        shrink_block(pruned.get_submodule(path), g, torch.arange(g.intermediate - int(mlp * g.intermediate)),
+                     torch.arange(g.kv_heads - int(attn * g.kv_heads)))
+    record_structure(pruned)
+    if tokens:
+        VisualTokenPruner(pruned, *tokens).attach()
+    return pruned
+
+
+def bench_7b(args) -> None:
+    if not torch.cuda.is_available():
+        print("\nLLaVA-1.5-7B shape: skipped (no CUDA device here; it needs a GPU with ~30 GB free)")
+        return
+    device, dtype = torch.device("cuda"), torch.float16
+    dense = llava15_7b(device, dtype)
+    batches = {b: big_batch(b, device, dtype) for b in (1, 8)}
+    print(f"\nLLaVA-1.5-7B shape (random weights, float16), {describe_device(device)}, torch {torch.__version__}: "
+          f"576 image + 64 text tokens, prefill and {args.decode_steps} decode steps, median of {args.repeats} "
+          "interleaved runs (CUDA events)\n")
+    header = ["plan", "params (B)", *[f"prefill ms (B={b})" for b in batches], *[f"prefill x (B={b})" for b in batches],
+              *[f"decode tok/s (B={b})" for b in batches], *[f"decode x (B={b})" for b in batches]]
+    rows = []
+    for name, plan in BIG_PLANS.items():
+        pruned = big_plan(dense, *plan)
+        pre = {b: prefill_speedup(dense, pruned, [batches[b]], args.repeats, 3) for b in batches}
+        dec = {b: decode_speedup(dense, pruned, batches[b], args.decode_steps, args.repeats, 1) for b in batches}
+        if not rows:
+            rows.append(["dense", f"{parameter_count(dense) / 1e9:.2f}",
+                         *[f"{1000 * pre[b]['dense_seconds']:.1f}" for b in batches], *["1.00"] * len(batches),
+                         *[f"{dec[b]['dense_tokens_per_s']:.0f}" for b in batches], *["1.00"] * len(batches)])
+        rows.append([name, f"{parameter_count(pruned) / 1e9:.2f}",
+                     *[f"{1000 * pre[b]['pruned_seconds']:.1f}" for b in batches],
+                     *[f"{pre[b]['speedup']:.2f}" for b in batches],
+                     *[f"{dec[b]['pruned_tokens_per_s']:.0f}" for b in batches],
+                     *[f"{dec[b]['speedup']:.2f}" for b in batches]])
+        del pruned
+        torch.cuda.empty_cache()
+    print(table(header, rows))
+    bench_two_four(args, device, dtype)
+
+
+def bench_two_four(args, device, dtype) -> None:
+    from efficientllava.pruning.operators import magnitude
+    from efficientllava.pruning.semi_structured import _backend, availability, time_layer
+
+    reason = availability(device)
+    if reason:
+        print(f"\n2:4 semi-structured: skipped ({reason})")
+        return
+    rows = []
+    for out_f, in_f in ((11008, 4096), (4096, 11008)):
+        layer = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(magnitude(layer.weight, "2:4")[0])
+        for tokens in (640, 8 * 640):
+            for backend in (None, "cutlass", "cusparselt"):
+                previous = _backend(backend)
+                try:
+                    result = time_layer(layer, tokens, repeats=max(args.repeats, 20))
+                finally:
+                    from torch.sparse import SparseSemiStructuredTensor
+
+                    SparseSemiStructuredTensor._FORCE_CUTLASS = previous
+                if "error" in result:
+                    rows.append([f"{out_f}x{in_f}", tokens, backend or "default", "-", "-", result["error"][:80]])
+                else:
+                    rows.append([f"{out_f}x{in_f}", tokens, backend or "default", f"{result['dense_ms']:.3f}",
+                                 f"{result['sparse_ms']:.3f}", f"{result['speedup']:.2f}x"])
+    print("\n2:4 semi-structured matmul vs dense (float16, median of repeats, CUDA events)\n")
+    print(table(["layer (out x in)", "tokens", "backend", "dense ms", "2:4 ms", "speedup"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("toy", "7b"), default=None)
+    parser.add_argument("--device", default="auto", help="toy: cpu or auto (the GPU if there is one)")
+    parser.add_argument("--pruned-model", default=None, help="a search's pruned_model/ directory to add")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--n-test", type=int, default=2000, help="toy test records for the accuracy column")
+    args = parser.parse_args()
+    if args.only in (None, "toy"):
+        bench_toy(args)
+    if args.only in (None, "7b"):
+        bench_7b(args)
+
+
+if __name__ == "__main__":
+    main()
