@@ -16,7 +16,7 @@ from efficientllava.logging_setup import build_loggers
 from efficientllava.models import load_from_config
 from efficientllava.outputs import atomic_directory, write_json
 from efficientllava.toy_model import ToyArchitecture, build_toy_llava
-from efficientllava.training import LlavaTrainingModule
+from efficientllava.toy_training import StagedToyTraining, check_stages, format_curriculum
 
 log = logging.getLogger("train")
 
@@ -29,16 +29,21 @@ def main(cfg: DictConfig) -> dict:
         model, processor = load_from_config(cfg.model)
     else:
         model, processor = build_toy_llava(ToyArchitecture(**cfg.architecture), seed=cfg.seed)
-    datamodule = instantiate(cfg.data, processor=processor)
+    stages = check_stages(OmegaConf.to_container(cfg.stages, resolve=True))
+    total_steps = sum(stage["steps"] for stage in stages.values())
+    if cfg.eval_only:
+        datamodule = instantiate(cfg.data, processor=processor)
+    else:
+        datamodule = instantiate(cfg.data, processor=processor, train_formats=format_curriculum(stages))
     categories = datamodule.categories()
     loggers = build_loggers(cfg.get("logger"))
     callbacks = [pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True)]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, max_steps=total_steps)
 
     summary: dict = {"model": str(cfg.model.path) if cfg.eval_only else "toy (trained here)", "seed": cfg.seed}
     if not cfg.eval_only:
         start = time.perf_counter()
-        module = LlavaTrainingModule(model, processor, categories, **OmegaConf.to_container(cfg.optim, resolve=True))
+        module = StagedToyTraining(model, processor, categories, stages, **OmegaConf.to_container(cfg.optim, resolve=True))
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
         summary["train_seconds"] = round(time.perf_counter() - start, 1)
         with atomic_directory(cfg.save_dir) as tmp:

@@ -10,6 +10,16 @@ from efficientllava.data.collate import IGNORE, Collator
 from efficientllava.evaluation import MODEL_INPUTS, AccuracyTally, letter_token_ids
 
 
+def cosine_schedule(warmup_steps: int, total_steps: int):
+    """Learning-rate factor by step: linear warm-up, then cosine decay to zero at `total_steps`."""
+    total, warmup = max(int(total_steps), 1), max(int(warmup_steps), 1)
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+    return factor
+
+
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy averaged over each sample's labelled tokens, so a long caption counts as much as
     a one-letter answer (a token-mean would let captions dominate the batch)."""
@@ -75,11 +85,6 @@ class LlavaTrainingModule(pl.LightningModule):
             lr=self.lr,
             betas=self.betas,
         )
-        total = max(int(self.trainer.max_steps), 1)
-        warmup = self.warmup_steps
-
-        def schedule(step):
-            return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-
+        schedule = cosine_schedule(self.warmup_steps, int(self.trainer.max_steps))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

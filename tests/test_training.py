@@ -67,7 +67,7 @@ def run(args, cwd):
 def test_train_then_evaluate_the_saved_checkpoint(tmp_path):
     tiny = ["data.build.sizes={train:96,val:32,test:48}", f"+data.build.cache_dir={tmp_path}/cache", "data.n_val=16",
             "data.batch_size=8", "logger=csv"]
-    out = run(["trainer.max_steps=3", "trainer.val_check_interval=2", *tiny, f"hydra.run.dir={tmp_path}/train"], ROOT)
+    out = run(["stages.scenes.steps=2", "stages.align.steps=1", "stages.joint.steps=2", "trainer.val_check_interval=4", *tiny, f"hydra.run.dir={tmp_path}/train"], ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
     assert metrics["test"]["n"] == 48 and 0 <= metrics["test"]["acc"] <= 100

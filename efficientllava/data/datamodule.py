@@ -106,7 +106,8 @@ class BenchmarkDataModule(pl.LightningDataModule):
             drop_last=True,
             generator=generator,
             num_workers=0,  # the format curriculum reads the current step in this process
-            collate_fn=lambda records: collator.answers(records, curriculum.formats(len(records))),
+            collate_fn=lambda records: {**collator.answers(records, curriculum.formats(len(records))),
+                                        "records": records},
         )
 
     def _records(self, split, limit):

@@ -1,0 +1,196 @@
+"""How `train.py` teaches the toy LLaVA: three stages under one Lightning Trainer.
+
+Trained from scratch on pixels alone, a LLaVA this small sits for thousands of steps at the answer prior: the
+language model cannot learn to find and relate objects while the vision tower is still learning to see them, and
+neither gets a useful gradient without the other. So the toy is taught in stages, as LLaVA separates alignment from
+instruction tuning:
+
+1. `scenes`: the language model learns the benchmark's tasks from *symbolic* scenes. At the image-token positions
+   it reads a learned embedding of each cell's true content (`empty`, `red circle`, `digit 7`, ...) plus one of the
+   cell's position, instead of the projector's output.
+2. `align`: the vision tower and the projector learn to produce exactly those embeddings from pixels (a
+   regression; the language model is untouched).
+3. `joint`: the whole LLaVA is fine-tuned end to end on images (`training.LlavaTrainingModule`'s loss).
+
+One Trainer runs the stages back to back (the stage follows the global step), so a run resumes from any
+checkpoint and logs one monotonic step axis. The scene embedding is a training device only: the saved model is a
+plain `LlavaForConditionalGeneration`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from efficientllava.data.scenes import COLOURS, GRID, SHAPES
+from efficientllava.training import LlavaTrainingModule, cosine_schedule, per_sample_loss
+
+STAGES = ("scenes", "align", "joint")
+CELL_CLASSES = ("empty", *(f"{c} {s}" for c in COLOURS for s in SHAPES), *(f"digit {d}" for d in range(10)))
+_INDEX = {name: i for i, name in enumerate(CELL_CLASSES)}
+
+
+def cell_classes(records: list[dict]) -> torch.Tensor:
+    """(batch, cells) indices into CELL_CLASSES, read from each record's `lecture` (the toy benchmark's
+    cell-by-cell description of its scene)."""
+    rows = []
+    for record in records:
+        cells = [c.strip() for c in (record.get("lecture") or "").split(",")]
+        if len(cells) != GRID * GRID or any(c not in _INDEX for c in cells):
+            raise ValueError(
+                f"record {record.get('id')!r} has no toy scene description in its lecture "
+                f"({record.get('lecture')!r}); expected {GRID * GRID} comma-separated cells such as 'empty' or "
+                "'red circle' (the scenes and align stages only train on the toy benchmark)"
+            )
+        rows.append([_INDEX[c] for c in cells])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class SceneEmbedding(nn.Module):
+    """What a perfect vision tower + projector would hand the language model: content + position, per cell."""
+
+    def __init__(self, hidden: int, cells: int = GRID * GRID, std: float = 0.02):
+        super().__init__()
+        self.content = nn.Embedding(len(CELL_CLASSES), hidden)
+        self.position = nn.Parameter(torch.randn(cells, hidden) * std)
+        nn.init.normal_(self.content.weight, std=std)
+
+    def forward(self, classes: torch.Tensor) -> torch.Tensor:
+        return self.content(classes) + self.position
+
+
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projector's output for each image, as (batch, image tokens, hidden)."""
+    out = model.get_image_features(pixel_values=pixel_values)
+    out = getattr(out, "pooler_output", out)
+    if isinstance(out, (list, tuple)):
+        out = torch.stack(list(out))
+    return out.reshape(pixel_values.shape[0], -1, out.shape[-1])
+
+
+def symbolic_logits(model, scene: SceneEmbedding, batch: dict, classes: torch.Tensor) -> torch.Tensor:
+    """The LLaVA's logits with the scene embedding in place of the projected image features."""
+    input_ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(input_ids)
+    image = input_ids == model.config.image_token_id
+    cells = scene(classes.to(input_ids.device)).to(embeds.dtype)
+    if int(image.sum()) != cells.shape[0] * cells.shape[1]:
+        raise ValueError(
+            f"the prompts hold {int(image.sum())} image tokens; expected {cells.shape[1]} per record "
+            f"({cells.shape[0]} records)"
+        )
+    embeds = embeds.masked_scatter(image.unsqueeze(-1).expand_as(embeds), cells.reshape(-1, cells.shape[-1]))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+    return model.lm_head(hidden)
+
+
+def check_stages(stages: dict) -> dict[str, dict]:
+    """Stage settings in STAGES order: {name: {steps, lr, warmup_steps, formats}}; unknown names are errors."""
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown training stage(s) {unknown}; expected some of {list(STAGES)}")
+    out = {}
+    for name in STAGES:
+        if name not in stages:
+            continue
+        stage = dict(stages[name])
+        if int(stage.get("steps", -1)) < 0 or float(stage.get("lr", -1)) <= 0:
+            raise ValueError(f"stage {name!r} has steps={stage.get('steps')!r} lr={stage.get('lr')!r}; "
+                             "expected steps >= 0 and lr > 0")
+        out[name] = {"steps": int(stage["steps"]), "lr": float(stage["lr"]),
+                     "warmup_steps": int(stage.get("warmup_steps", 0)),
+                     "formats": dict(stage.get("formats") or {"short": 1.0})}
+    if not any(s["steps"] for s in out.values()):
+        raise ValueError("every training stage has 0 steps; expected at least one step")
+    return out
+
+
+def stage_starts(stages: dict[str, dict]) -> dict[str, int]:
+    starts, step = {}, 0
+    for name, stage in stages.items():
+        starts[name] = step
+        step += stage["steps"]
+    return starts
+
+
+def format_curriculum(stages: dict) -> list:
+    """The datamodule's answer-format curriculum that follows the stages ([first step, {format: weight}])."""
+    stages = check_stages(stages)
+    starts = stage_starts(stages)
+    return [[starts[name], stage["formats"]] for name, stage in stages.items() if stage["steps"]]
+
+
+class StagedToyTraining(LlavaTrainingModule):
+    """The toy's scenes → align → joint training as one LightningModule (validation as in the base module)."""
+
+    def __init__(self, model, processor, categories, stages: dict, grad_clip=1.0, betas=(0.9, 0.999), weight_decay=0.0):
+        stages = check_stages(stages)
+        super().__init__(model, processor, categories, lr=1.0, weight_decay=weight_decay, grad_clip=grad_clip,
+                         betas=betas)
+        self.stages, self.starts = stages, stage_starts(stages)
+        self.total_steps = sum(s["steps"] for s in stages.values())
+        self.scene = SceneEmbedding(model.config.text_config.hidden_size)
+        self.save_hyperparameters(ignore=["model", "processor"])
+
+    def stage_at(self, step: int) -> str:
+        current = next(iter(self.stages))
+        for name, start in self.starts.items():
+            if step >= start and self.stages[name]["steps"]:
+                current = name
+        return current
+
+    def training_step(self, batch, batch_idx):
+        stage = self.stage_at(self.global_step)
+        if stage == "scenes":
+            logits = symbolic_logits(self.model, self.scene, batch, cell_classes(batch["records"]))
+            loss = per_sample_loss(logits, batch["labels"]).mean()
+        elif stage == "align":
+            with torch.no_grad():
+                target = self.scene(cell_classes(batch["records"]).to(self.device))
+            features = image_features(self.model, batch["pixel_values"])
+            loss = (features - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
+        else:
+            return super().training_step(batch, batch_idx)
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        return loss
+
+    def _group_schedule(self, trained_in: tuple[str, ...]):
+        """Learning rate of a parameter group by global step: the stage's warm-up + cosine while the group is
+        trained in that stage, 0 otherwise (its parameters then get no gradient at all)."""
+        pieces = []
+        for name in trained_in:
+            if name in self.stages and self.stages[name]["steps"]:
+                stage = self.stages[name]
+                pieces.append((self.starts[name], stage, cosine_schedule(stage["warmup_steps"], stage["steps"])))
+
+        def lr(step: int) -> float:
+            for start, stage, factor in pieces:
+                if start <= step < start + stage["steps"]:
+                    return stage["lr"] * factor(step - start)
+            return 0.0
+
+        return lr
+
+    def configure_optimizers(self):
+        inner = self.model.model
+        groups = {
+            "language": ([*inner.language_model.parameters(), *self.model.lm_head.parameters()], ("scenes", "joint")),
+            "vision": ([*inner.vision_tower.parameters(), *inner.multi_modal_projector.parameters()],
+                       ("align", "joint")),
+            "scene": (list(self.scene.parameters()), ("scenes",)),
+        }
+        seen, param_groups, schedules = set(), [], []
+        for name, (params, trained_in) in groups.items():
+            params = [p for p in params if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            for decay in (True, False):
+                chosen = [p for p in params if (p.ndim >= 2) == decay]
+                if chosen:
+                    param_groups.append({"params": chosen, "lr": 1.0, "name": f"{name}{'' if decay else '_no_decay'}",
+                                         "weight_decay": self.weight_decay if decay else 0.0})
+                    schedules.append(self._group_schedule(trained_in))
+        missing = [n for n, p in self.model.named_parameters() if id(p) not in seen]
+        if missing:
+            raise ValueError(f"parameters outside the language model, vision tower and projector: {missing[:5]}")
+        optimizer = torch.optim.AdamW(param_groups, lr=1.0, betas=self.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,109 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from efficientllava.data.collate import Collator
+from efficientllava.data.datamodule import BenchmarkDataModule
+from efficientllava.toy_model import ToyArchitecture, build_toy_llava
+from efficientllava.toy_training import (
+    CELL_CLASSES,
+    StagedToyTraining,
+    cell_classes,
+    check_stages,
+    format_curriculum,
+    image_features,
+    symbolic_logits,
+)
+
+TINY = ToyArchitecture(vision_hidden=16, vision_layers=2, vision_heads=2, vision_intermediate=32, hidden=32,
+                       layers=2, heads=2, kv_heads=1, intermediate=48)
+STAGES = {
+    "scenes": {"steps": 3, "lr": 1e-2, "warmup_steps": 1, "formats": {"short": 1.0}},
+    "align": {"steps": 2, "lr": 1e-2, "warmup_steps": 1},
+    "joint": {"steps": 2, "lr": 1e-2, "warmup_steps": 1, "formats": {"short": 1.0, "letter": 1.0}},
+}
+
+
+def test_cell_classes_read_the_scene_description(test_records):
+    classes = cell_classes(test_records[:4])
+    assert classes.shape == (4, 16)
+    for record, row in zip(test_records[:4], classes.tolist()):
+        assert " , ".join(CELL_CLASSES[i] for i in row) == record["lecture"]
+
+
+def test_cell_classes_reject_records_without_a_scene():
+    with pytest.raises(ValueError, match="has no toy scene description.*expected 16 comma-separated cells"):
+        cell_classes([{"id": "x", "lecture": "a lecture about photosynthesis"}])
+
+
+@pytest.mark.parametrize("stages, message", [
+    ({"warmup": {"steps": 1, "lr": 1e-3}}, "unknown training stage"),
+    ({"joint": {"steps": -1, "lr": 1e-3}}, "expected steps >= 0 and lr > 0"),
+    ({"joint": {"steps": 5, "lr": 0}}, "expected steps >= 0 and lr > 0"),
+    ({"scenes": {"steps": 0, "lr": 1e-3}}, "expected at least one step"),
+])
+def test_bad_stages_fail_clearly(stages, message):
+    with pytest.raises(ValueError, match=message):
+        check_stages(stages)
+
+
+def test_format_curriculum_follows_the_stages():
+    assert format_curriculum(STAGES) == [[0, {"short": 1.0}], [3, {"short": 1.0}], [5, {"short": 1.0, "letter": 1.0}]]
+
+
+def test_symbolic_logits_put_the_scene_where_the_image_goes(test_records):
+    model, processor = build_toy_llava(TINY, seed=0)
+    module = StagedToyTraining(model, processor, ["colour"], STAGES)
+    batch = Collator(processor).answers(test_records[:3], ["short"] * 3)
+    classes = cell_classes(test_records[:3])
+    logits = symbolic_logits(model, module.scene, batch, classes)
+    assert logits.shape[:2] == batch["input_ids"].shape
+    # changing one record's scene changes that record's logits after the image, and no other record's
+    other = classes.clone()
+    other[1] = (other[1] + 1) % len(CELL_CLASSES)
+    changed = symbolic_logits(model, module.scene, batch, other)
+    assert torch.allclose(changed[0], logits[0]) and torch.allclose(changed[2], logits[2])
+    assert not torch.allclose(changed[1], logits[1])
+    with pytest.raises(ValueError, match="image tokens; expected 16 per record"):
+        symbolic_logits(model, module.scene, batch, classes[:2])
+
+
+def _snapshot(model):
+    inner = model.model
+    return {
+        "language": [p.detach().clone() for p in inner.language_model.parameters()],
+        "vision": [p.detach().clone() for p in [*inner.vision_tower.parameters(), *inner.multi_modal_projector.parameters()]],
+    }
+
+
+def _changed(before, after):
+    return {k: any(not torch.equal(a, b) for a, b in zip(before[k], after[k])) for k in before}
+
+
+def test_each_stage_trains_only_its_own_parameters(small_benchmark, tmp_path):
+    """scenes moves the language model only, align the vision side only, joint both; the scene embedding is
+    trained in scenes and then fixed."""
+    model, processor = build_toy_llava(TINY, seed=0)
+    data = BenchmarkDataModule(lambda: small_benchmark, processor, batch_size=4, eval_batch_size=16,
+                               train_formats=format_curriculum(STAGES), n_val=8)
+    module = StagedToyTraining(model, processor, data.categories(), STAGES)
+    snapshots = [_snapshot(model)]
+    scene_after_scenes = []
+
+    class Snap(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots.append(_snapshot(model))
+            if trainer.global_step == 3:
+                scene_after_scenes.append(pl_module.scene.content.weight.detach().clone())
+
+    trainer = pl.Trainer(max_steps=7, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         limit_val_batches=0, callbacks=[Snap()], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    steps = [_changed(snapshots[i], snapshots[i + 1]) for i in range(7)]
+    assert [module.stage_at(i) for i in range(7)] == ["scenes"] * 3 + ["align"] * 2 + ["joint"] * 2
+    assert all(s == {"language": True, "vision": False} for s in steps[:3])
+    assert all(s == {"language": False, "vision": True} for s in steps[3:5])
+    assert all(s == {"language": True, "vision": True} for s in steps[5:])
+    assert torch.equal(scene_after_scenes[0], module.scene.content.weight)
+    pixels = Collator(processor).prompts([small_benchmark["train"][0]], ["short"])["pixel_values"]
+    assert image_features(model, pixels).shape == (1, 16, 32)  # one projected vector per image token, as the scene
