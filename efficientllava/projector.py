@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from efficientllava.data.collate import IGNORE
 from efficientllava.evaluation import MODEL_INPUTS
 from efficientllava.pruning.layers import PROJECTOR
 
@@ -65,6 +66,16 @@ def load_projector(path: str | Path, model) -> None:
     from safetensors.torch import load_file
 
     load_projector_state(model, load_file(str(path)))
+
+
+def answer_loss(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """The causal-LM loss on the labelled (answer) tokens, equal to `model(**inputs, labels=labels).loss`, with the
+    LM head applied at those positions only (not at the ~600 prompt positions of a LLaVA-1.5 sample)."""
+    hidden = model.model(**inputs).last_hidden_state[:, :-1]
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != IGNORE
+    logits = model.lm_head(hidden[keep]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
 
 
 class _Batches(Dataset):
@@ -139,7 +150,7 @@ class ProjectorTuner(pl.LightningModule):
             with torch.enable_grad():
                 for policy in self.policies:
                     self.bank.assemble(self.model, policy)
-                    loss = self.model(**inputs, labels=batch["labels"]).loss / len(self.policies)
+                    loss = answer_loss(self.model, inputs, batch["labels"]) / len(self.policies)
                     loss.backward()  # reaches only the leaf: everything before the projector's output is frozen
                     total += float(loss.detach())
         finally:
