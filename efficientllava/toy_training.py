@@ -67,6 +67,15 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return out.reshape(pixel_values.shape[0], -1, out.shape[-1])
 
 
+def alignment_loss(features: torch.Tensor, target: torch.Tensor, classes: torch.Tensor, object_weight: float = 4.0):
+    """Squared error of each image token against its cell's scene embedding, relative to the mean squared norm of
+    the targets; cells holding an object weigh `object_weight` times an empty cell (most cells are empty, and a
+    wrong object costs the language model far more than a slightly noisy empty cell)."""
+    error = (features - target).pow(2).sum(-1) / target.pow(2).sum(-1).mean().clamp(min=1e-12)
+    weight = torch.where(classes != _INDEX["empty"], float(object_weight), 1.0).to(error.dtype)
+    return (error * weight).sum() / weight.sum()
+
+
 def symbolic_logits(model, scene: SceneEmbedding, batch: dict, classes: torch.Tensor) -> torch.Tensor:
     """The LLaVA's logits with the scene embedding in place of the projected image features."""
     input_ids = batch["input_ids"]
@@ -96,9 +105,20 @@ def check_stages(stages: dict) -> dict[str, dict]:
         if int(stage.get("steps", -1)) < 0 or float(stage.get("lr", -1)) <= 0:
             raise ValueError(f"stage {name!r} has steps={stage.get('steps')!r} lr={stage.get('lr')!r}; "
                              "expected steps >= 0 and lr > 0")
+        formats = stage.get("formats") or {"short": 1.0}
+        if isinstance(formats, dict):
+            formats = [[0, formats]]
+        try:
+            formats = [[int(offset), dict(weights)] for offset, weights in formats]
+        except (TypeError, ValueError):
+            raise ValueError(f"stage {name!r} has formats={formats!r}; expected {{format: weight}} or a list of "
+                             "[step within the stage, {format: weight}]") from None
+        if formats[0][0] != 0:
+            raise ValueError(f"stage {name!r}: its first formats must start at step 0 of the stage")
         out[name] = {"steps": int(stage["steps"]), "lr": float(stage["lr"]),
-                     "warmup_steps": int(stage.get("warmup_steps", 0)),
-                     "formats": dict(stage.get("formats") or {"short": 1.0})}
+                     "warmup_steps": int(stage.get("warmup_steps", 0)), "formats": formats}
+        if name == "align":
+            out[name]["object_weight"] = float(stage.get("object_weight", 4.0))
     if not any(s["steps"] for s in out.values()):
         raise ValueError("every training stage has 0 steps; expected at least one step")
     return out
@@ -116,7 +136,8 @@ def format_curriculum(stages: dict) -> list:
     """The datamodule's answer-format curriculum that follows the stages ([first step, {format: weight}])."""
     stages = check_stages(stages)
     starts = stage_starts(stages)
-    return [[starts[name], stage["formats"]] for name, stage in stages.items() if stage["steps"]]
+    return [[starts[name] + offset, weights] for name, stage in stages.items() if stage["steps"]
+            for offset, weights in stage["formats"] if offset < stage["steps"]]
 
 
 class StagedToyTraining(LlavaTrainingModule):
@@ -128,6 +149,7 @@ class StagedToyTraining(LlavaTrainingModule):
                          betas=betas)
         self.stages, self.starts = stages, stage_starts(stages)
         self.total_steps = sum(s["steps"] for s in stages.values())
+        self.object_weight = stages.get("align", {}).get("object_weight", 4.0)
         self.scene = SceneEmbedding(model.config.text_config.hidden_size)
         self.save_hyperparameters(ignore=["model", "processor"])
 
@@ -147,7 +169,8 @@ class StagedToyTraining(LlavaTrainingModule):
             with torch.no_grad():
                 target = self.scene(cell_classes(batch["records"]).to(self.device))
             features = image_features(self.model, batch["pixel_values"])
-            loss = (features - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
+            loss = alignment_loss(features, target, classes=cell_classes(batch["records"]).to(self.device),
+                                  object_weight=self.object_weight)
         else:
             return super().training_step(batch, batch_idx)
         self.log(f"{stage}/loss", loss, prog_bar=True)
