@@ -46,13 +46,23 @@ def cell_classes(records: list[dict]) -> torch.Tensor:
 
 
 class SceneEmbedding(nn.Module):
-    """What a perfect vision tower + projector would hand the language model: content + position, per cell."""
+    """What a perfect vision tower + projector would hand the language model, per cell: an embedding of the
+    cell's content plus one of its row and one of its column. Rows and columns start on a line (a random
+    direction scaled from -1 to 1), so "left of" and "above" begin as linear comparisons."""
 
-    def __init__(self, hidden: int, cells: int = GRID * GRID, std: float = 0.02):
+    def __init__(self, hidden: int, grid: int = GRID, std: float = 0.02):
         super().__init__()
+        self.grid = grid
         self.content = nn.Embedding(len(CELL_CLASSES), hidden)
-        self.position = nn.Parameter(torch.randn(cells, hidden) * std)
         nn.init.normal_(self.content.weight, std=std)
+        ramp = torch.linspace(-1.0, 1.0, grid)[:, None]
+        self.row = nn.Parameter(ramp * torch.randn(1, hidden) * std)
+        self.column = nn.Parameter(ramp * torch.randn(1, hidden) * std)
+
+    @property
+    def position(self) -> torch.Tensor:
+        """(cells, hidden) in reading order."""
+        return (self.row[:, None, :] + self.column[None, :, :]).reshape(self.grid * self.grid, -1)
 
     def forward(self, classes: torch.Tensor) -> torch.Tensor:
         return self.content(classes) + self.position
