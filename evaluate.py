@@ -18,7 +18,8 @@ from efficientllava.evaluation_job import report, run_evaluation
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     summary = run_evaluation(cfg, HydraConfig.get().runtime.output_dir)
-    print(report(summary))
+    if summary["rank"] == 0:  # under DDP every process returns; one reports
+        print(report(summary))
     return summary
 
 

@@ -270,8 +270,8 @@ class MultipleChoiceEvaluator(pl.LightningModule):
 
     def _finish(self, stage: str):
         self.results = self.tally.compute(self)
-        for key, value in self.results.items():
-            self.log(f"{stage}/{key}", float(value))
+        for key, value in self.results.items():  # the same on every device once merged: logged from one
+            self.log(f"{stage}/{key}", float(value), rank_zero_only=True)
 
     def validation_step(self, records, batch_idx):
         self.model.eval()

@@ -92,7 +92,7 @@ def run_evaluation(cfg, run_dir: str | Path) -> dict:
     trainer.test(evaluator, datamodule=datamodule, verbose=False)
 
     summary = {"benchmark": name, "metric": metric, "model": str(cfg.model.path), "split": cfg.data.test_split,
-               "results": dict(evaluator.results), "devices": trainer.world_size}
+               "results": dict(evaluator.results), "devices": trainer.world_size, "rank": trainer.global_rank}
     if trainer.global_rank != 0:
         return summary
     run_dir.mkdir(parents=True, exist_ok=True)
