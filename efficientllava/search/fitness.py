@@ -11,7 +11,11 @@ falls as sparsity rises, so the budget is enforced by `SearchSpace.repair`, not 
 
 The task score runs one forward over the pre-collated search samples with the candidate assembled from the bank, and
 reads the logits of the option letters at each prompt's last position (as `evaluation.predict_letter` does, but
-applying the LM head to those positions only). Open-ended search samples (VizWiz) are scored instead by greedy
+applying the LM head to those positions only). With `scoring="likelihood"` (`search.yaml: scoring`), multiple-choice
+samples are scored instead like `evaluation.predict_likelihood`: every option is appended to the short-answer prompt
+and the option with the highest log-probability (answer + EOS) is the prediction, the LM head applied at answer
+positions only (for a model that answers well but has not learned the lettered format, such as the shipped toy).
+Open-ended search samples (VizWiz) are scored instead by greedy
 answers of at most `max_new_tokens` against their human answers (VQA accuracy, `efficientllava/vqa.py`); benchmarks
 scored by a judge model cannot be searched (hundreds of candidates, each a round of judge calls) and are refused.
 """
@@ -23,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from efficientllava.data.collate import Collator
-from efficientllava.data.prompts import LETTER, LETTERS, OPEN
+from efficientllava.data.collate import IGNORE, Collator
+from efficientllava.data.prompts import LETTER, LETTERS, OPEN, SHORT
 from efficientllava.data.schema import CHOICE, JUDGED, VQA, record_metric
 from efficientllava.evaluation import MODEL_INPUTS, generate_from_batch, letter_token_ids
 from efficientllava.vqa import vqa_accuracy
@@ -71,6 +75,15 @@ def generalization_term(table: dict[str, dict[str, float]], ratios: dict) -> flo
 
 
 # ---- task score -------------------------------------------------------------------------------------------------
+SCORINGS = ("letter", "likelihood")
+
+
+def check_scoring(scoring: str) -> str:
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring={scoring!r} is unknown; expected one of {list(SCORINGS)}")
+    return scoring
+
+
 def sample_metric(records) -> str:
     """The one metric the search samples are scored by: "choice" or "vqa" (judge-scored ones are refused)."""
     metrics = {record_metric(r) for r in records}
@@ -97,23 +110,31 @@ class SearchSamples:
     references: list[list[str]] | None = None  # VQA samples: the human answers of each
     tokenizer: object = None
     max_new_tokens: int = 16
+    scoring: str = "letter"  # multiple choice: "letter" or "likelihood" (each batch then holds every option)
 
     @classmethod
-    def build(cls, records, processor, batch_size: int = 64, max_new_tokens: int = 16) -> "SearchSamples":
+    def build(cls, records, processor, batch_size: int = 64, max_new_tokens: int = 16,
+              scoring: str = "letter") -> "SearchSamples":
         collator = Collator(processor)
         records = list(records)
         metric = sample_metric(records) if records else CHOICE
         fmt = OPEN if metric == VQA else LETTER
+        scoring = "letter" if metric == VQA else check_scoring(scoring)
         batches, answers, n_choices, categories = [], [], [], []
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            batches.append(collator.prompts(chunk, [fmt] * len(chunk)))
+            if scoring == "likelihood":
+                flat = [r for r in chunk for _ in r["choices"]]
+                options = [c for r in chunk for c in r["choices"]]
+                batches.append(collator.answers(flat, [SHORT] * len(flat), targets=options))
+            else:
+                batches.append(collator.prompts(chunk, [fmt] * len(chunk)))
             answers.append(torch.tensor([r["answer"] for r in chunk]))
             n_choices.append(torch.tensor([len(r["choices"]) for r in chunk]))
             categories += [r["category"] for r in chunk]
         references = [list(r["answers"]) for r in records] if metric == VQA else None
         return cls(batches, answers, n_choices, letter_token_ids(processor.tokenizer), categories, references,
-                   processor.tokenizer, int(max_new_tokens))
+                   processor.tokenizer, int(max_new_tokens), scoring)
 
     def __len__(self) -> int:
         return sum(len(a) for a in self.answers)
@@ -125,6 +146,8 @@ def letter_predictions(model, samples: SearchSamples) -> torch.Tensor:
     samples, the greedy answers (a list of strings), so timing and FLOP counting see the real scoring cost."""
     if samples.references is not None:
         return open_predictions(model, samples)
+    if samples.scoring == "likelihood":
+        return likelihood_predictions(model, samples)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -139,6 +162,26 @@ def letter_predictions(model, samples: SearchSamples) -> torch.Tensor:
         preds.append(logits.argmax(-1).cpu())
     model.train(was_training)
     return torch.cat(preds)
+
+
+@torch.no_grad()
+def likelihood_predictions(model, samples: SearchSamples) -> torch.Tensor:
+    """Predicted option index per sample: the option whose text + EOS has the highest log-probability."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    preds = []
+    for batch, n_choices in zip(samples.batches, samples.n_choices):
+        hidden = model.model(**{k: batch[k].to(device) for k in MODEL_INPUTS}).last_hidden_state
+        labels = batch["labels"][:, 1:].to(device)
+        rows, cols = torch.nonzero(labels != IGNORE, as_tuple=True)  # position t predicts label t + 1
+        logp = torch.log_softmax(model.lm_head(hidden[rows, cols]).float(), -1)
+        token = logp.gather(-1, labels[rows, cols].unsqueeze(-1)).squeeze(-1)
+        scores = torch.zeros(labels.shape[0], device=device).index_add_(0, rows, token).cpu()
+        for option_scores in torch.split(scores, n_choices.tolist()):
+            preds.append(int(option_scores.argmax()))
+    model.train(was_training)
+    return torch.tensor(preds)
 
 
 def open_predictions(model, samples: SearchSamples) -> list[str]:

@@ -143,8 +143,11 @@ class SearchRun:
     def reference(self) -> None:
         s, model = self.settings, self.model
         max_new_tokens = int(self.cfg.get("max_new_tokens", 16))  # open-ended (VQA) samples: greedy answer length
-        self.samples = SearchSamples.build(self.search_records, self.processor, s.eval_batch_size, max_new_tokens)
-        self.heldout = SearchSamples.build(self.heldout_records, self.processor, s.eval_batch_size, max_new_tokens)
+        scoring = str(self.cfg.get("scoring", "letter"))  # multiple choice: option letter or option likelihood
+        self.samples = SearchSamples.build(self.search_records, self.processor, s.eval_batch_size, max_new_tokens,
+                                           scoring)
+        self.heldout = SearchSamples.build(self.heldout_records, self.processor, s.eval_batch_size, max_new_tokens,
+                                           scoring)
         self.calib_batches = answer_batches(self.search_records, self.processor, int(self.cfg.bank.batch_size))
         self.loss_batches = answer_batches(self.search_records, self.processor, s.projector.batch_size)
         self.dense_search = accuracy_by_category(model, self.samples)
