@@ -424,7 +424,7 @@ class SearchRun:
                           "engine for the unstructured part)")
         write_json(d / "pareto.json", {
             "strategy": self.settings.strategy,
-            "axes": {"accuracy": "search_acc (% on the N search samples, letter scoring, bank-assembled candidate)",
+            "axes": {"accuracy": "search_acc (% on the N search samples, " + ("VQA accuracy" if self.samples.references is not None else f"{self.samples.scoring} scoring") + ", bank-assembled candidate)",
                      "speedup": speed_axis},
             "dense": {**dense_point, "heldout_acc": summary["dense"]["heldout_acc"]},
             "final": final_row,
