@@ -74,5 +74,5 @@ def test_resume_after_sigkill_reuses_trials_and_matches_an_uninterrupted_run(tmp
     best = json.loads((killed / "best_policy.json").read_text())
     best_clean = json.loads((clean / "best_policy.json").read_text())
     assert best["ratios"] == best_clean["ratios"]
-    assert best["search"]["fitness"] == best_clean["search"]["fitness"]
+    assert best["search"]["fitness"] == pytest.approx(best_clean["search"]["fitness"], rel=1e-12)  # G: summation order
     assert resumed["pruned"]["heldout_acc"] == reference["pruned"]["heldout_acc"]
