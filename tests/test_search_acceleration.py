@@ -15,7 +15,7 @@ from test_search_run import CONF, toy_dir  # noqa: F401  (module fixture: a rand
 @pytest.fixture(scope="module")
 def tiny(toy_dir, tmp_path_factory):  # noqa: F811
     cache = tmp_path_factory.mktemp("cache")
-    return [f"model.path={toy_dir}", "model.device=cpu", "data.build.sizes={train:8,val:32,test:32}",
+    return [f"model.path={toy_dir}", "model.device=cpu", "scoring=letter", "data.build.sizes={train:8,val:32,test:32}",
             f"+data.build.cache_dir={cache}", "logger=none", "n_search=8", "n_heldout=16", "heldout_top=1",
             "speed_repeats=1", "search.population=4", "search.generations=2", "search.top_k=2",
             "search.projector.every=1", "search.projector.top_k=2", "search.projector.steps=1",
