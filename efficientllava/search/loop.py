@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from efficientllava.data.collate import Collator
-from efficientllava.data.prompts import LETTER, OPEN
+from efficientllava.data.prompts import LETTER, OPEN, SHORT
 from efficientllava.data.schema import CHOICE, record_metric
 from efficientllava.logging_setup import build_loggers
 from efficientllava.models import load_from_config
@@ -58,11 +58,15 @@ def load_records(cfg, settings: SearchSettings, processor):
     return search, heldout
 
 
-def answer_batches(records, processor, batch_size: int) -> list[dict]:
-    """Prompt + gold letter (open-ended: the most frequent reference answer) + EOS batches, labels on the answer:
-    calibration, projector and ECoFLaP losses."""
+def answer_batches(records, processor, batch_size: int, scoring: str = "letter") -> list[dict]:
+    """Prompt + gold answer + EOS batches, labels on the answer: calibration, projector and ECoFLaP losses. The
+    answer is the letter (multiple choice scored by letter), the option's text after the short-answer prompt
+    (scored by likelihood), or the most frequent reference answer (open-ended)."""
     collator = Collator(processor)
-    fmt = LETTER if not records or record_metric(records[0]) == CHOICE else OPEN
+    if records and record_metric(records[0]) != CHOICE:
+        fmt = OPEN
+    else:
+        fmt = SHORT if scoring == "likelihood" else LETTER
     return [collator.answers(records[i : i + batch_size], [fmt] * len(records[i : i + batch_size]))
             for i in range(0, len(records), batch_size)]
 
@@ -148,8 +152,9 @@ class SearchRun:
                                            scoring)
         self.heldout = SearchSamples.build(self.heldout_records, self.processor, s.eval_batch_size, max_new_tokens,
                                            scoring)
-        self.calib_batches = answer_batches(self.search_records, self.processor, int(self.cfg.bank.batch_size))
-        self.loss_batches = answer_batches(self.search_records, self.processor, s.projector.batch_size)
+        self.calib_batches = answer_batches(self.search_records, self.processor, int(self.cfg.bank.batch_size),
+                                            scoring)
+        self.loss_batches = answer_batches(self.search_records, self.processor, s.projector.batch_size, scoring)
         self.dense_search = accuracy_by_category(model, self.samples)
         self.dense_heldout = accuracy_by_category(model, self.heldout)
         self.dense_seconds = forward_seconds(model, self.samples, repeats=3)
