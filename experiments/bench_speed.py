@@ -8,7 +8,8 @@ Toy, on the device at hand: prefill (image + prompt, ~53 tokens of which 16 are 
 prompts at B = 1, 8, 64, and 16 greedy decode steps at B = 1, 8 (one prompt repeated: no padding). Plans: fixed
 structured / visual-token plans, shrunk for real with FLAP importance (64 toy val prompts) and bias compensation, and
 a searched pruned model (`--pruned-model`, e.g. a search's pruned_model/, loaded with its recorded sizes and token
-pruning). Columns: held-out letter accuracy on the first `--n-test` records of the toy test split, parameters,
+pruning). Columns: held-out accuracy (`--scoring`: option likelihood, as the search scores the shipped toy, or option
+letter) on the first `--n-test` records of the toy test split, parameters,
 prefill FLOPs of one B=8 batch, measured prefill speedup per B, measured decode speedup per B.
 
 LLaVA-1.5-7B shape (CUDA only): LLaVA-1.5's published sizes (CLIP ViT-L/14-336, Vicuna-7B) with random weights in
@@ -92,13 +93,13 @@ def bench_toy(args) -> None:
     print(f"\nToy LLaVA, {describe_device(torch.device(device))}, torch {torch.__version__}: prefill (image + "
           f"prompt) of B toy prompts, {args.decode_steps} greedy decode steps; median of {args.repeats} interleaved "
           "runs, dense and pruned in one process\n")
-    dense_acc = evaluate(dense, processor, test, "letter")["acc"]
-    header = ["plan", f"test acc (letter, {len(test)})", "params", "prefill GFLOPs (B=8)",
+    dense_acc = evaluate(dense, processor, test, args.scoring)["acc"]
+    header = ["plan", f"test acc ({args.scoring}, {len(test)})", "params", "prefill GFLOPs (B=8)",
               *[f"prefill x (B={b})" for b in prefill], *[f"decode x (B={b})" for b in decode]]
     rows = [["dense", f"{dense_acc:.2f}", f"{parameter_count(dense):,}", f"{prefill_flops(dense, prefill[8]) / 1e9:.3f}",
              *["1.00"] * (len(prefill) + len(decode))]]
     for name, model in models.items():
-        acc = evaluate(model, processor, test, "letter")["acc"]
+        acc = evaluate(model, processor, test, args.scoring)["acc"]
         pre = [prefill_speedup(dense, model, [prefill[b]], args.repeats, 2)["speedup"] for b in prefill]
         dec = [decode_speedup(dense, model, decode[b], args.decode_steps, args.repeats, 1)["speedup"] for b in decode]
         rows.append([name, f"{acc:.2f}", f"{parameter_count(model):,}", f"{prefill_flops(model, prefill[8]) / 1e9:.3f}",
@@ -218,6 +219,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--n-test", type=int, default=2000, help="toy test records for the accuracy column")
+    parser.add_argument("--scoring", choices=("likelihood", "letter"), default="likelihood",
+                        help="multiple-choice scoring of the accuracy column")
     args = parser.parse_args()
     if args.only in (None, "toy"):
         bench_toy(args)
