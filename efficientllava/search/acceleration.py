@@ -63,7 +63,7 @@ class AccelerationSettings:
     max_prefill_ms: float | None = None
     table: str | None = None
     repeats: int = 5
-    measure_front: int = 12
+    measure_front: int = 6
 
     @property
     def enabled(self) -> bool:

@@ -13,14 +13,20 @@ so equal policies have equal genomes.
 
 Latency budget: with a `LatencyTable` and a limit (speedup >= S, i.e. predicted prefill <= dense / S, or prefill <=
 T), `repair` adds pruning until the predicted prefill meets the limit: each step moves one structure or token gene one
-choice up: among the moves that save predicted time (else among all), the gene pruned least so far (lowest index /
-(choices - 1)); ties: the larger saving, then gene order. Pruning beyond the limit is allowed (it is the front's faster side); the fitness
-(accuracy) pulls candidates back toward the limit. Unstructured genes buy no measured speed on dense kernels, so
+choice up, drawn uniformly among the moves that save predicted time, by a generator seeded with the genome being
+repaired (so repair stays a function of the genome: resumed and shared runs repair alike). A fixed rule would always
+spend the budget the same way (e.g. always on the gene that saves most, or least pruned so far), and a dimension
+that costs much accuracy (the toy loses 30 points when half its heads go) would be forced onto every candidate;
+drawn moves leave that choice to the fitness. Pruning beyond the limit is allowed (it is the front's faster side);
+the fitness (accuracy) pulls candidates back toward the limit. Unstructured genes buy no measured speed on dense kernels, so
 they keep their own budget (the sparsity band) and never enter the latency repair.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+
+import numpy as np
 
 from efficientllava.policy import BudgetError, ModelIdentity, Policy, SearchSpace
 from efficientllava.pruning.structured import BlockGeometry, StructureError, kept_channels, kept_groups
@@ -248,19 +254,19 @@ class JointSpace:
         if self.latency is None or self.max_seconds is None:
             return g
         now = self.predicted_seconds(g)
+        rng = np.random.default_rng([zlib.crc32(self.key(g).encode()), 104729])
         while now > self.max_seconds * (1 + 1e-9):
-            moves = []
+            saving, stalled = [], []
             for i in self.tail:
                 if g[i] + 1 >= self.gene_sizes[i] or (i == self.layer_gene and g[self.keep_gene] == 0):
                     continue
                 trial = list(g)
                 trial[i] += 1
-                saving = now - self.predicted_seconds(trial)
-                moves.append((saving <= 1e-12, g[i] / (self.gene_sizes[i] - 1), -saving, i))
+                (saving if now - self.predicted_seconds(trial) > 1e-12 else stalled).append(i)
+            moves = saving or stalled
             if not moves:
                 break
-            *_, i = min(moves)
-            g[i] += 1
+            g[moves[int(rng.integers(len(moves)))]] += 1
             now = self.predicted_seconds(g)
         if strict and now > self.max_seconds * (1 + 1e-9):
             raise BudgetError(f"could not repair the genome onto the latency budget: predicted "
@@ -268,8 +274,7 @@ class JointSpace:
         return g
 
     def uniform(self) -> list[int]:
-        """Uniform weight sparsity, no structure or token pruning, then repaired (the latency repair levels the
-        structure and token genes up together)."""
+        """Uniform weight sparsity, no structure or token pruning, then repaired onto the budgets."""
         return self.repair(self.unstructured.uniform() + [0] * len(self.tail))
 
     def random(self, rng, spread: float | None = None) -> list[int]:
