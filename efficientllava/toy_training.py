@@ -176,11 +176,11 @@ class StagedToyTraining(LlavaTrainingModule):
             logits = symbolic_logits(self.model, self.scene, batch, cell_classes(batch["records"]))
             loss = per_sample_loss(logits, batch["labels"]).mean()
         elif stage == "align":
+            classes = cell_classes(batch["records"]).to(self.device)
             with torch.no_grad():
-                target = self.scene(cell_classes(batch["records"]).to(self.device))
+                target = self.scene(classes)
             features = image_features(self.model, batch["pixel_values"])
-            loss = alignment_loss(features, target, classes=cell_classes(batch["records"]).to(self.device),
-                                  object_weight=self.object_weight)
+            loss = alignment_loss(features, target, classes=classes, object_weight=self.object_weight)
         else:
             return super().training_step(batch, batch_idx)
         self.log(f"{stage}/loss", loss, prog_bar=True)

@@ -142,46 +142,39 @@ class SearchSamples:
 
 @torch.no_grad()
 def letter_predictions(model, samples: SearchSamples) -> torch.Tensor:
-    """The scoring forward: predicted option index per sample (only each sample's own letters compete); for VQA
-    samples, the greedy answers (a list of strings), so timing and FLOP counting see the real scoring cost."""
+    """The scoring forward: predicted option index per sample (only each sample's own letters compete, or the
+    option with the highest likelihood when `samples.scoring` says so); for VQA samples, the greedy answers (a list
+    of strings), so timing and FLOP counting see the real scoring cost."""
     if samples.references is not None:
         return open_predictions(model, samples)
-    if samples.scoring == "likelihood":
-        return likelihood_predictions(model, samples)
+    score = _likelihood_choice if samples.scoring == "likelihood" else _letter_choice
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     preds = []
     for batch, n_choices in zip(samples.batches, samples.n_choices):
         hidden = model.model(**{k: batch[k].to(device) for k in MODEL_INPUTS}).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=device)
-        last = hidden[rows, batch["last_index"].to(device)]
-        logits = model.lm_head(last)[:, samples.letter_ids].float()
-        too_many = torch.arange(len(LETTERS), device=device)[None, :] >= n_choices.to(device)[:, None]
-        logits[too_many] = float("-inf")
-        preds.append(logits.argmax(-1).cpu())
+        preds.append(score(model, samples, batch, n_choices.to(device), hidden).cpu())
     model.train(was_training)
     return torch.cat(preds)
 
 
-@torch.no_grad()
-def likelihood_predictions(model, samples: SearchSamples) -> torch.Tensor:
-    """Predicted option index per sample: the option whose text + EOS has the highest log-probability."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    preds = []
-    for batch, n_choices in zip(samples.batches, samples.n_choices):
-        hidden = model.model(**{k: batch[k].to(device) for k in MODEL_INPUTS}).last_hidden_state
-        labels = batch["labels"][:, 1:].to(device)
-        rows, cols = torch.nonzero(labels != IGNORE, as_tuple=True)  # position t predicts label t + 1
-        logp = torch.log_softmax(model.lm_head(hidden[rows, cols]).float(), -1)
-        token = logp.gather(-1, labels[rows, cols].unsqueeze(-1)).squeeze(-1)
-        scores = torch.zeros(labels.shape[0], device=device).index_add_(0, rows, token).cpu()
-        for option_scores in torch.split(scores, n_choices.tolist()):
-            preds.append(int(option_scores.argmax()))
-    model.train(was_training)
-    return torch.tensor(preds)
+def _letter_choice(model, samples, batch, n_choices, hidden) -> torch.Tensor:
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, batch["last_index"].to(hidden.device)]
+    logits = model.lm_head(last)[:, samples.letter_ids].float()
+    logits[torch.arange(len(LETTERS), device=hidden.device)[None, :] >= n_choices[:, None]] = float("-inf")
+    return logits.argmax(-1)
+
+
+def _likelihood_choice(model, samples, batch, n_choices, hidden) -> torch.Tensor:
+    """The option whose text + EOS has the highest log-probability (the batch holds every option of each record)."""
+    labels = batch["labels"][:, 1:].to(hidden.device)
+    rows, cols = torch.nonzero(labels != IGNORE, as_tuple=True)  # position t predicts label t + 1
+    logp = torch.log_softmax(model.lm_head(hidden[rows, cols]).float(), -1)
+    token = logp.gather(-1, labels[rows, cols].unsqueeze(-1)).squeeze(-1)
+    scores = torch.zeros(labels.shape[0], device=hidden.device).index_add_(0, rows, token)
+    return torch.stack([option.argmax() for option in torch.split(scores, n_choices.tolist())])
 
 
 def open_predictions(model, samples: SearchSamples) -> list[str]:
