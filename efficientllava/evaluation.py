@@ -17,8 +17,9 @@ import pytorch_lightning as pl
 import torch
 
 from efficientllava.data.collate import IGNORE, Collator
-from efficientllava.data.prompts import LETTER, LETTERS, OPEN, SHORT
+from efficientllava.data.prompts import LETTER, LETTERS, OPEN
 from efficientllava.data.schema import CHOICE, VQA, record_metric
+from efficientllava.likelihood import option_batch, predict_options
 from efficientllava.vqa import vqa_accuracy
 
 MODES = ("letter", "likelihood")
@@ -66,25 +67,9 @@ def answer_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logp * mask).sum(-1)
 
 
-@torch.no_grad()
 def predict_likelihood(model, collator: Collator, records: list[dict]) -> list[int]:
-    flat, targets, owner = [], [], []
-    for i, r in enumerate(records):
-        for choice in r["choices"]:
-            flat.append(r)
-            targets.append(choice)
-            owner.append(i)
-    batch = collator.answers(flat, [SHORT] * len(flat), targets=targets)
-    logits = model(**model_inputs(batch, _device(model))).logits
-    scores = answer_logprob(logits, batch["labels"].to(logits.device)).cpu()
-    best = [(-float("inf"), 0)] * len(records)
-    seen = defaultdict(int)
-    for score, i in zip(scores.tolist(), owner):
-        k = seen[i]
-        seen[i] += 1
-        if score > best[i][0]:
-            best[i] = (score, k)
-    return [k for _, k in best]
+    """The most likely option of each record (answer + EOS after the short-answer prompt; the prompt runs once)."""
+    return predict_options(model, option_batch(collator, records)).tolist()
 
 
 def left_padded(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

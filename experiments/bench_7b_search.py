@@ -22,60 +22,9 @@ from pathlib import Path
 
 import torch
 
+from efficientllava.llava15_shapes import SHAPES, llava15_config, llava15_processor
+
 ROOT = Path(__file__).resolve().parents[1]
-
-# LLaVA-1.5's published configs (llava-hf/llava-1.5-{7b,13b}-hf): vision tower, language model, projector.
-VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-              image_size=336, patch_size=14, projection_dim=768, layer_norm_eps=1e-5, hidden_act="quick_gelu")
-SHAPES = {
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32),
-    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                num_key_value_heads=40),
-    "scaled-down": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=4),
-}
-SCALED_VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                     projection_dim=64)
-TEXT = dict(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu")
-IMAGE_MEAN, IMAGE_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-CHAT_TEMPLATE = (  # LLaVA-1.5's layout: "USER: <image>\n<text> ASSISTANT:"
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% else %} ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-)
-
-
-def llava15_config(shape: str):
-    """A LlavaConfig with LLaVA-1.5's values for `shape` (7b, 13b, or scaled-down widths and depths)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    from efficientllava.toy_model import BOS, EOS, IMAGE, PAD
-
-    if shape not in SHAPES:
-        raise SystemExit(f"--shape {shape!r} is unknown; expected one of {sorted(SHAPES)}")
-    vision = {**VISION, **(SCALED_VISION if shape == "scaled-down" else {})}
-    text = LlamaConfig(**TEXT, **SHAPES[shape], pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
-    grid = vision["image_size"] // vision["patch_size"]
-    return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=text, image_token_index=IMAGE,
-                       image_seq_length=grid * grid, projector_hidden_act="gelu", vision_feature_layer=-2,
-                       vision_feature_select_strategy="default", tie_word_embeddings=False)
-
-
-def llava15_processor():
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    from efficientllava.toy_model import build_tokenizer
-
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": VISION["image_size"]},
-                                            crop_size={"height": VISION["image_size"], "width": VISION["image_size"]},
-                                            image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
-    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(),
-                          patch_size=VISION["patch_size"], vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
 def write_model_dir(path: Path, shape: str) -> Path:
@@ -103,7 +52,7 @@ def overrides(args, model_dir: Path, run_dir: Path) -> list[str]:
         f"search.top_k={max(2, args.population // 4)}", "search.choices=[0.3,0.4,0.5,0.6,0.7]",
         "search.eta=0.00125", f"search.projector.every={args.projector_every}", "search.projector.top_k=2",
         f"search.projector.steps={args.projector_steps}", f"search.projector.batch_size={min(args.batch_size, 8)}",
-        "bank.mode=masks", f"bank.batch_size={min(args.batch_size, 8)}", f"final.batch_size={min(args.batch_size, 8)}",
+        "bank.mode=masks", "++bank.device=model", f"bank.batch_size={min(args.batch_size, 8)}", f"final.batch_size={min(args.batch_size, 8)}",
     ] + ([] if args.full_space else WEIGHTS_ONLY)
 
 
@@ -126,12 +75,15 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     shape = "scaled-down" if args.scaled_down else args.shape
 
+    import logging
+
     from hydra import compose, initialize_config_dir
 
     import efficientllava  # noqa: F401  (config resolvers)
     from efficientllava.models import parameter_count
     from efficientllava.search.loop import report, run_search
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the search's stage log
     start = time.perf_counter()
     run_dir = args.out / f"{shape}-{time.strftime('%Y%m%d-%H%M%S')}"
     model_dir = write_model_dir(run_dir / "model", shape)

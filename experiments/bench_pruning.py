@@ -160,7 +160,7 @@ def bench_assembly(model, processor, bank, names, device, n_samples: int = 64, r
 def bench_layers(device: torch.device, shapes=((4096, 11008), (11008, 4096)), samples: int = 128,
                  tokens: int = 640) -> None:
     """One layer per (out, in) shape (default: LLaVA-1.5-7B's MLP), fp16, statistics from random tokens."""
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    where = describe(device)
     print(f"\n### LLaVA-1.5-7B-shaped layers on {where}: fp16 weights, "
           f"{samples}x{tokens} random calibration tokens\n")
     print("| layer (out x in) | method | target | time (s) | peak memory (MiB) |")
@@ -189,6 +189,53 @@ def bench_layers(device: torch.device, shapes=((4096, 11008), (11008, 4096)), sa
         del weight, hessian, stats
 
 
+def bench_whole(shape: str, device: torch.device, samples: int = 128, batch_size: int = 8) -> None:
+    """Every language-model linear layer of a LLaVA-1.5-shaped model at 50%: SparseGPT and Wanda, sequential, with
+    `samples` calibration samples of 576 image + 64 text tokens. Wanda's operator time is also given alone (statistics
+    gathered beforehand), as is the peak memory of the whole process on the device (model included)."""
+    from efficientllava.llava15_shapes import random_batch, random_llava
+    from efficientllava.pruning.calibration import calibrate
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    where = describe(device)
+    rows = []
+    for method in ("wanda", "sparsegpt"):
+        model = random_llava(shape, device, dtype)
+        names = [n for n, info in select_layers(model).items() if info.component == "language_model"]
+        batches = [random_batch(model, batch_size, seed=i) for i in range(max(1, samples // batch_size))]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        prune_model(model, {n: 0.5 for n in names}, method, batches)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        rows.append([method, len(names), f"{seconds:.1f}", f"{peak:.1f}"])
+        print(f"  {method}: whole language model pruned in {seconds:.1f} s (calibration included), "
+              f"peak {peak:.1f} GiB", flush=True)
+        if method == "wanda":  # the operator alone, statistics gathered beforehand
+            stats = calibrate(model, batches, names, need=("sq_norms",))
+            weights = {n: model.get_submodule(n).weight for n in names}
+            prune_weight("wanda", weights[names[0]], 0.5, stats[names[0]])  # warm-up
+            _, alone, _ = timed(lambda: [prune_weight("wanda", weights[n], 0.5, stats[n]) for n in names], device)
+            rows.append(["wanda (operator only)", len(names), f"{alone:.2f}", "-"])
+        del model, batches
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\n### Whole LLaVA-1.5 {shape}-shaped language model at 50% on {where}: random weights, "
+          f"{str(dtype).removeprefix('torch.')}, {samples} calibration samples x 640 tokens, sequential\n")
+    print("| method | layers | time (s) | peak device memory, model included (GiB) |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+def describe(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="toy checkpoint directory (default: a random toy)")
@@ -196,6 +243,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--skip-toy", action="store_true")
     parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--whole", choices=("7b", "13b", "scaled-down"), default=None,
+                        help="also prune a whole LLaVA-1.5-shaped language model (7b needs CUDA; scaled-down runs anywhere)")
+    parser.add_argument("--whole-samples", type=int, default=128)
     args = parser.parse_args()
     if not args.skip_toy:
         bench_toy(args.model, torch.device("cpu"), args.samples, args.batch_size)
@@ -203,6 +253,11 @@ def main() -> None:
         bench_layers(torch.device("cuda"))
     elif not args.skip_7b:
         print("\n(no CUDA device: the LLaVA-1.5-7B-shaped layer table needs one)")
+    if args.whole:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type != "cuda" and args.whole != "scaled-down":
+            raise SystemExit(f"--whole {args.whole} needs a CUDA device; --whole scaled-down runs on the CPU")
+        bench_whole(args.whole, device, args.whole_samples)
 
 
 if __name__ == "__main__":

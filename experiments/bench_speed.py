@@ -108,56 +108,33 @@ def bench_toy(args) -> None:
 
 
 # ---- LLaVA-1.5-7B shape -------------------------------------------------------------------------------------------
-IMAGE_TOKEN = 32000
-
-
-def llava15_7b(device, dtype):
-    """LLaVA-1.5-7B's shapes (llava-hf/llava-1.5-7b-hf config values) with random weights."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5, pad_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                         image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    return model.eval()
-
-
-def big_batch(rows: int, device, dtype) -> dict:
-    """576 image tokens + 64 text tokens per row, LLaVA-1.5's layout (text, image, text)."""
-    gen = torch.Generator().manual_seed(0)
-    text = torch.randint(100, 30000, (rows, 64), generator=gen)
-    ids = torch.cat([text[:, :8], torch.full((rows, 576), IMAGE_TOKEN), text[:, 8:]], dim=1)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "pixel_values": torch.randn(rows, 3, 336, 336, generator=gen).to(device, dtype)}
-
-
 def big_plan(model, mlp: float, attn: float, tokens):
     pruned = copy.deepcopy(model)
     for path, g in decoder_geometry(pruned).items():  # random weights: keep the first units (speed only)
         shrink_block(pruned.get_submodule(path), g, torch.arange(g.intermediate - int(mlp * g.intermediate)),
                      torch.arange(g.kv_heads - int(attn * g.kv_heads)))
     record_structure(pruned)
-    if tokens:
-        VisualTokenPruner(pruned, *tokens).attach()
+    if tokens:  # K capped for the scaled-down shape's 2 layers
+        layer, keep = tokens
+        VisualTokenPruner(pruned, min(layer, len(decoder_geometry(pruned)) - 1), keep).attach()
     return pruned
 
 
 def bench_7b(args) -> None:
-    if not torch.cuda.is_available():
-        print("\nLLaVA-1.5-7B shape: skipped (no CUDA device here; it needs a GPU with ~30 GB free)")
+    from efficientllava.llava15_shapes import random_batch, random_llava
+
+    device = torch.device(args.big_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and args.shape != "scaled-down":
+        print(f"\nLLaVA-1.5 {args.shape} shape: skipped (no CUDA device here; it needs a GPU with ~30 GB free; "
+              "--shape scaled-down runs the same code on the CPU)")
         return
-    device, dtype = torch.device("cuda"), torch.float16
-    dense = llava15_7b(device, dtype)
-    batches = {b: big_batch(b, device, dtype) for b in (1, 8)}
-    print(f"\nLLaVA-1.5-7B shape (random weights, float16), {describe_device(device)}, torch {torch.__version__}: "
-          f"576 image + 64 text tokens, prefill and {args.decode_steps} decode steps, median of {args.repeats} "
-          "interleaved runs (CUDA events)\n")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dense = random_llava(args.shape, device, dtype)
+    batches = {b: random_batch(dense, b) for b in (1, 8)}
+    print(f"\nLLaVA-1.5 {args.shape} shape (random weights, {str(dtype).removeprefix('torch.')}), "
+          f"{describe_device(device)}, torch {torch.__version__}: 576 image + 64 text tokens, prefill and "
+          f"{args.decode_steps} decode steps, median of {args.repeats} interleaved runs"
+          f"{' (CUDA events)' if device.type == 'cuda' else ''}\n")
     header = ["plan", "params (B)", *[f"prefill ms (B={b})" for b in batches], *[f"prefill x (B={b})" for b in batches],
               *[f"decode tok/s (B={b})" for b in batches], *[f"decode x (B={b})" for b in batches]]
     rows = []
@@ -219,6 +196,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--n-test", type=int, default=2000, help="toy test records for the accuracy column")
+    parser.add_argument("--shape", choices=("7b", "13b", "scaled-down"), default="7b",
+                        help="LLaVA-1.5 shape of the big-model section")
+    parser.add_argument("--big-device", default=None, help="device of the big-model section (default: cuda if any)")
     parser.add_argument("--scoring", choices=("likelihood", "letter"), default="likelihood",
                         help="multiple-choice scoring of the accuracy column")
     args = parser.parse_args()

@@ -140,7 +140,6 @@ def table(scores: dict, speed: dict) -> tuple[str, list[dict]]:
     models = sorted({k[0] for k in scores if k[2] != "Dense"} or {k[0] for k in scores})
     lines, rows = [], []
     for model in models:
-        targets = sorted({k[1] for k in scores if k[0] == model and k[1] is not None})
         lines += [f"**{model}**", "", "| method | target sparsity | " + " | ".join(COLUMNS.get(b, b) for b in benches)
                   + " | sparsity | speedup (estimated) | speedup (measured) |",
                   "|---|---|" + "---|" * (len(benches) + 3)]

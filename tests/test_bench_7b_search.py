@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from efficientllava.llava15_shapes import llava15_config
 from efficientllava.models import parameter_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,9 +16,9 @@ spec.loader.exec_module(bench)
 
 
 def test_llava15_shapes_have_the_published_sizes():
-    assert 7.05e9 < parameter_count(bench.llava15_config("7b")) < 7.07e9  # "7B": 7.06B on the hub
-    assert 13.3e9 < parameter_count(bench.llava15_config("13b")) < 13.4e9
-    config = bench.llava15_config("scaled-down")  # narrower and shallower, same image tokens and vocabulary
+    assert 7.05e9 < parameter_count(llava15_config("7b")) < 7.07e9  # "7B": 7.06B on the hub
+    assert 13.3e9 < parameter_count(llava15_config("13b")) < 13.4e9
+    config = llava15_config("scaled-down")  # narrower and shallower, same image tokens and vocabulary
     assert config.image_seq_length == 576 and config.text_config.vocab_size == 32064
 
 

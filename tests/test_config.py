@@ -3,7 +3,6 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 import efficientllava  # noqa: F401  (config resolvers)
 from efficientllava.models import TOY_MODEL_DIR

@@ -19,6 +19,14 @@ class ConstantModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, **kwargs):
         return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1))
 
+    # LLaVA's split into the decoder (`model`, with a key/value cache) and `lm_head`, for option-likelihood scoring
+    def model(self, input_ids, **kwargs):
+        return SimpleNamespace(last_hidden_state=torch.zeros(*input_ids.shape, 1),
+                               past_key_values=SimpleNamespace(layers=[]))
+
+    def lm_head(self, hidden):
+        return hidden * 0 + self.bias
+
 
 @pytest.fixture(scope="module")
 def processor():

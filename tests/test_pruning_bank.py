@@ -57,6 +57,10 @@ def test_mask_mode_is_exact_for_wanda_and_smaller():
     assert weights.nbytes() == params * 4 * (1 + stored)
     assert masks.nbytes() == params * 4 + params // 8 * stored
     assert masks.memory_report()["bytes_in_memory"] == masks.nbytes()
+    beside = PruningBank.build(model, names, CHOICES, "wanda", batches, mode="masks", device="model")
+    assert beside.device == get_linear(model, names[0]).weight.device
+    assert all(t.device == beside.device for entry in beside.entries.values() for t in entry.values())
+    assert all(torch.equal(beside.weight(n, c), masks.weight(n, c)) for n, c in policy.items())
 
 
 def test_mask_mode_drops_the_sparsegpt_update():

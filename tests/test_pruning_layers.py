@@ -1,6 +1,5 @@
 """The layer registry: names, components, blocks and roles, on the toy and on synthetic LLaVA-1.5 layouts."""
 import pytest
-import torch
 import torch.nn as nn
 
 from efficientllava.pruning.layers import classify, decoder_blocks, find_layers, get_linear, select_layers, total_params

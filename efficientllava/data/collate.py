@@ -1,8 +1,10 @@
 """Turning benchmark records into model batches with any LLaVA processor.
 
-Two kinds of batch: `answer` batches hold prompt + target answer + EOS with labels on the answer only (training,
-projector optimisation, log-likelihood scoring); `prompt` batches hold the prompt alone (letter scoring reads the
-logits at its last position). Sequences are right-padded; `last_index` marks each prompt's last token.
+Three kinds of batch: `answer` batches hold prompt + target answer + EOS with labels on the answer only (training,
+projector optimisation); `prompt` batches hold the prompt alone (letter scoring reads the logits at its last
+position); `option` batches are prompt batches plus every option's answer tokens beside them (option-likelihood
+scoring runs the prompt once, see `efficientllava/likelihood.py`). Sequences are right-padded; `last_index` marks
+each prompt's last token.
 """
 from __future__ import annotations
 
@@ -46,15 +48,35 @@ class Collator:
             "last_index": torch.tensor([len(s) - 1 for s in ids]),
         }
 
+    def answer_ids(self, targets: list[str]) -> list[list[int]]:
+        """The tokens an answer batch appends to a prompt for each target: ' ' + target, then EOS."""
+        eos = self.tokenizer.eos_token_id
+        return [a + [eos] for a in self.tokenizer([" " + t for t in targets], add_special_tokens=False)["input_ids"]]
+
+    def options(self, records: list[dict], formats: list[str]) -> dict:
+        """A prompt batch plus `option_ids` (records, most options, longest answer) holding each option's answer
+        tokens as `answers(..., targets=option)` appends them, and `option_lengths` (0 where a record has fewer
+        options)."""
+        batch = self.prompts(records, formats)
+        tokens = [self.answer_ids(list(r["choices"])) for r in records]
+        k = max(len(t) for t in tokens)
+        width = max(len(a) for t in tokens for a in t)
+        ids = torch.full((len(records), k, width), self.pad_id, dtype=torch.long)
+        lengths = torch.zeros(len(records), k, dtype=torch.long)
+        for i, options in enumerate(tokens):
+            for j, answer in enumerate(options):
+                ids[i, j, : len(answer)] = torch.tensor(answer)
+                lengths[i, j] = len(answer)
+        return {**batch, "option_ids": ids, "option_lengths": lengths}
+
     def answers(self, records: list[dict], formats: list[str], targets: list[str] | None = None) -> dict:
         """Prompt + answer + EOS; `targets` overrides the gold answers (used to score every option)."""
         ids, pixels = self._encode_prompts(records, formats)
         if targets is None:
             targets = [build_target(r, f) for r, f in zip(records, formats)]
-        answer_ids = self.tokenizer([" " + t for t in targets], add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        full = [p + a + [eos] for p, a in zip(ids, answer_ids)]
-        labels = [[IGNORE] * len(p) + a + [eos] for p, a in zip(ids, answer_ids)]
+        answer_ids = self.answer_ids(targets)
+        full = [p + a for p, a in zip(ids, answer_ids)]
+        labels = [[IGNORE] * len(p) + a for p, a in zip(ids, answer_ids)]
         return {
             "input_ids": self._pad(full, self.pad_id),
             "attention_mask": self._pad([[1] * len(s) for s in full], 0),

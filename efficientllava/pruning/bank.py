@@ -11,8 +11,9 @@ Modes (`mode`):
 - "masks": a bit-packed kept-mask per (layer, choice); assembly computes W_dense * mask. Exact for magnitude and
   Wanda (they do not change kept weights); for SparseGPT it keeps SparseGPT's mask but LOSES its weight update.
   Costs (choices) / 8 bytes per weight.
-Storage (`directory`): None keeps everything in CPU memory (or on `device`); a directory writes one safetensors file
-per layer (its dense weight and every choice) that assembly reads memory-mapped, for 7B-sized banks.
+Storage (`directory`): None keeps everything in memory on `device` (default the CPU; "model" puts it beside the model,
+so that assembly on a GPU moves nothing over PCIe); a directory writes one safetensors file per layer (its dense weight
+and every choice) that assembly reads memory-mapped, for 7B-sized banks.
 """
 from __future__ import annotations
 
@@ -105,6 +106,8 @@ class PruningBank:
         if method == "sparsegpt" and mode == "masks":
             log.warning("mask-only sparsegpt bank: assembled weights are W_dense * mask, without SparseGPT's update")
         shapes = {n: [registry[n].out_features, registry[n].in_features] for n in names}
+        if device == "model":
+            device = get_linear(model, names[0]).weight.device
         bank = cls(method, mode, keys, shapes, directory, device)
         if bank.directory is not None:
             bank.directory.mkdir(parents=True, exist_ok=True)

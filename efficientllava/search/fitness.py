@@ -12,9 +12,10 @@ falls as sparsity rises, so the budget is enforced by `SearchSpace.repair`, not 
 The task score runs one forward over the pre-collated search samples with the candidate assembled from the bank, and
 reads the logits of the option letters at each prompt's last position (as `evaluation.predict_letter` does, but
 applying the LM head to those positions only). With `scoring="likelihood"` (`search.yaml: scoring`), multiple-choice
-samples are scored instead like `evaluation.predict_likelihood`: every option is appended to the short-answer prompt
-and the option with the highest log-probability (answer + EOS) is the prediction, the LM head applied at answer
-positions only (for a model that answers well but has not learned the lettered format, such as the shipped toy).
+samples are scored instead like `evaluation.predict_likelihood`: the option whose answer + EOS has the highest
+log-probability after the short-answer prompt is the prediction, the prompt run once and each option over its cache
+(`efficientllava/likelihood.py`; for a model that answers well but has not learned the lettered format, such as the
+shipped toy).
 Open-ended search samples (VizWiz) are scored instead by greedy
 answers of at most `max_new_tokens` against their human answers (VQA accuracy, `efficientllava/vqa.py`); benchmarks
 scored by a judge model cannot be searched (hundreds of candidates, each a round of judge calls) and are refused.
@@ -27,10 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from efficientllava.data.collate import IGNORE, Collator
+from efficientllava.data.collate import Collator
 from efficientllava.data.prompts import LETTER, LETTERS, OPEN, SHORT
 from efficientllava.data.schema import CHOICE, JUDGED, VQA, record_metric
 from efficientllava.evaluation import MODEL_INPUTS, generate_from_batch, letter_token_ids
+from efficientllava.likelihood import option_logprobs
 from efficientllava.vqa import vqa_accuracy
 from efficientllava.pruning.bank import DENSE, choice_key
 
@@ -110,7 +112,7 @@ class SearchSamples:
     references: list[list[str]] | None = None  # VQA samples: the human answers of each
     tokenizer: object = None
     max_new_tokens: int = 16
-    scoring: str = "letter"  # multiple choice: "letter" or "likelihood" (each batch then holds every option)
+    scoring: str = "letter"  # multiple choice: "letter" or "likelihood" (batches are then Collator.options batches)
 
     @classmethod
     def build(cls, records, processor, batch_size: int = 64, max_new_tokens: int = 16,
@@ -124,9 +126,7 @@ class SearchSamples:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             if scoring == "likelihood":
-                flat = [r for r in chunk for _ in r["choices"]]
-                options = [c for r in chunk for c in r["choices"]]
-                batches.append(collator.answers(flat, [SHORT] * len(flat), targets=options))
+                batches.append(collator.options(chunk, [SHORT] * len(chunk)))
             else:
                 batches.append(collator.prompts(chunk, [fmt] * len(chunk)))
             answers.append(torch.tensor([r["answer"] for r in chunk]))
@@ -147,34 +147,22 @@ def letter_predictions(model, samples: SearchSamples) -> torch.Tensor:
     of strings), so timing and FLOP counting see the real scoring cost."""
     if samples.references is not None:
         return open_predictions(model, samples)
-    score = _likelihood_choice if samples.scoring == "likelihood" else _letter_choice
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     preds = []
     for batch, n_choices in zip(samples.batches, samples.n_choices):
+        if samples.scoring == "likelihood":
+            preds.append(option_logprobs(model, batch).argmax(-1).cpu())
+            continue
         hidden = model.model(**{k: batch[k].to(device) for k in MODEL_INPUTS}).last_hidden_state
-        preds.append(score(model, samples, batch, n_choices.to(device), hidden).cpu())
+        rows = torch.arange(hidden.shape[0], device=device)
+        last = hidden[rows, batch["last_index"].to(device)]
+        logits = model.lm_head(last)[:, samples.letter_ids].float()
+        logits[torch.arange(len(LETTERS), device=device)[None, :] >= n_choices.to(device)[:, None]] = float("-inf")
+        preds.append(logits.argmax(-1).cpu())
     model.train(was_training)
     return torch.cat(preds)
-
-
-def _letter_choice(model, samples, batch, n_choices, hidden) -> torch.Tensor:
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    last = hidden[rows, batch["last_index"].to(hidden.device)]
-    logits = model.lm_head(last)[:, samples.letter_ids].float()
-    logits[torch.arange(len(LETTERS), device=hidden.device)[None, :] >= n_choices[:, None]] = float("-inf")
-    return logits.argmax(-1)
-
-
-def _likelihood_choice(model, samples, batch, n_choices, hidden) -> torch.Tensor:
-    """The option whose text + EOS has the highest log-probability (the batch holds every option of each record)."""
-    labels = batch["labels"][:, 1:].to(hidden.device)
-    rows, cols = torch.nonzero(labels != IGNORE, as_tuple=True)  # position t predicts label t + 1
-    logp = torch.log_softmax(model.lm_head(hidden[rows, cols]).float(), -1)
-    token = logp.gather(-1, labels[rows, cols].unsqueeze(-1)).squeeze(-1)
-    scores = torch.zeros(labels.shape[0], device=hidden.device).index_add_(0, rows, token)
-    return torch.stack([option.argmax() for option in torch.split(scores, n_choices.tolist())])
 
 
 def open_predictions(model, samples: SearchSamples) -> list[str]:

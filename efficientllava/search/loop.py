@@ -165,7 +165,8 @@ class SearchRun:
         o = self.bank_options
         self.bank = PruningBank.build(model, self.names, s.choices, o["method"], self.calib_batches,
                                       mode=self.cfg.bank.get("mode", "weights"),
-                                      directory=self.cfg.bank.get("directory"), blocksize=o["blocksize"],
+                                      directory=self.cfg.bank.get("directory"), device=self.cfg.bank.get("device"),
+                                      blocksize=o["blocksize"],
                                       damp=o["damp"], offload=o["offload"])
         self.evaluator = FitnessEvaluator(model, self.bank, self.samples, s.eta)
         if self.accel is not None:
