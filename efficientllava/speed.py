@@ -3,7 +3,7 @@
 Measured (`kind: "measured"`), always dense against pruned in one process, interleaved (dense, pruned, dense, ...)
 so that drifting machine load hits both alike, median of the repeats after warm-up runs:
 - prefill: one forward over image + prompt, filling the KV cache and computing the next-token logits only (what
-  generation's first step does), or the search's scoring forward over its N samples;
+  generation's first step does), over given batches or over the prompts of the search's N samples;
 - decode: tokens per second of greedy steps after a prefill (the prefill itself not timed).
 On CUDA each call is timed with CUDA events around it; on the CPU with `time.perf_counter`. `compare` times two
 models (e.g. dense and a shrunk copy); `measure_speedup` swaps two weight sets in one model (unstructured masks on
@@ -23,7 +23,7 @@ import torch
 from efficientllava.evaluation import MODEL_INPUTS
 from efficientllava.policy import choice_ratio
 from efficientllava.pruning.layers import get_linear
-from efficientllava.search.fitness import SearchSamples, letter_predictions
+from efficientllava.search.fitness import SearchSamples
 
 MEASURED = "measured"
 ESTIMATED = "estimated"
@@ -172,16 +172,22 @@ def decode_speedup(dense, pruned, batch: dict, steps: int = 16, repeats: int = 5
 
 def scoring_speedup(dense, pruned, samples: SearchSamples, repeats: int = 5, warmup: int = 1,
                     statistic: str = "median") -> dict:
-    """Measured speedup of the search's scoring forward (letter logits over the N samples), two models."""
+    """Measured prefill speedup over the search samples' prompts (image + prompt: the scoring forward that pruning
+    speeds up; option-likelihood continuations over the cache are a few tokens each and not timed), two models."""
     device = model_device(dense)
-    med = compare({"dense": lambda: letter_predictions(dense, samples),
-                   "pruned": lambda: letter_predictions(pruned, samples)}, device, repeats, warmup, statistic)
+    med = compare({"dense": lambda: _prefill_all(dense, samples),
+                   "pruned": lambda: _prefill_all(pruned, samples)}, device, repeats, warmup, statistic)
     return {
         "dense_seconds": med["dense"], "pruned_seconds": med["pruned"],
         "speedup": med["dense"] / max(med["pruned"], 1e-12), "kind": MEASURED,
-        "how": f"{statistic} of {repeats} interleaved scoring forwards over {len(samples)} samples (prefill of image + "
-               f"prompt), dense vs pruned model in one process, on {describe_device(device)}",
+        "how": f"{statistic} of {repeats} interleaved prefills (image + prompt) of the {len(samples)} search samples, "
+               f"dense vs pruned model in one process, on {describe_device(device)}",
     }
+
+
+def _prefill_all(model, samples: SearchSamples) -> None:
+    for batch in samples.batches:
+        prefill(model, batch)
 
 
 def _swap_in(model, weights: dict[str, torch.Tensor]) -> None:
@@ -199,11 +205,11 @@ def measure_speedup(model, samples: SearchSamples, dense: dict[str, torch.Tensor
     device = model_device(model)
     times = {"dense": [], "pruned": []}
     for _ in range(warmup):
-        letter_predictions(model, samples)
+        _prefill_all(model, samples)
     for _ in range(repeats):
         for kind, weights in (("dense", dense), ("pruned", pruned)):
             _swap_in(model, weights)
-            times[kind].append(timed(lambda: letter_predictions(model, samples), device))
+            times[kind].append(timed(lambda: _prefill_all(model, samples), device))
     _swap_in(model, pruned)
     med = {k: median(v) for k, v in times.items()}
     return {
@@ -211,8 +217,8 @@ def measure_speedup(model, samples: SearchSamples, dense: dict[str, torch.Tensor
         "pruned_seconds": med["pruned"],
         "speedup": med["dense"] / max(med["pruned"], 1e-12),
         "kind": MEASURED,
-        "how": f"median of {repeats} interleaved scoring forwards over {len(samples)} samples, dense vs "
-               f"pruned weights in one process, on {describe_device(device)} (dense kernels: masks buy no speed)",
+        "how": f"median of {repeats} interleaved prefills (image + prompt) of the {len(samples)} search samples, "
+               f"dense vs pruned weights in one process, on {describe_device(device)} (dense kernels: masks buy no speed)",
     }
 
 
@@ -235,7 +241,7 @@ def prefill_flops(model, batch: dict) -> int:
 
 
 def flop_profile(model, samples: SearchSamples, names) -> dict:
-    """{'total': FLOPs of one scoring forward over the samples, 'layers': {name: FLOPs of that linear layer},
+    """{'total': FLOPs of one prefill of the samples' prompts, 'layers': {name: FLOPs of that linear layer},
     'rows': {name: rows (tokens) that passed through it}}."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -251,7 +257,7 @@ def flop_profile(model, samples: SearchSamples, names) -> dict:
     counter = FlopCounterMode(display=False)
     try:
         with counter:
-            letter_predictions(model, samples)
+            _prefill_all(model, samples)
     finally:
         for h in handles:
             h.remove()

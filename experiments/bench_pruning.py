@@ -221,6 +221,7 @@ def bench_whole(shape: str, device: torch.device, samples: int = 128, batch_size
             prune_weight("wanda", weights[names[0]], 0.5, stats[names[0]])  # warm-up
             _, alone, _ = timed(lambda: [prune_weight("wanda", weights[n], 0.5, stats[n]) for n in names], device)
             rows.append(["wanda (operator only)", len(names), f"{alone:.2f}", "-"])
+            del stats, weights  # they hold this model's weights: the next method's peak must not count them
         del model, batches
         if device.type == "cuda":
             torch.cuda.empty_cache()
