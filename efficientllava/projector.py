@@ -78,6 +78,26 @@ def answer_loss(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, targets[keep])
 
 
+@torch.no_grad()
+def check_loss(model, bank, policies: list[dict], batches: list[dict]) -> float:
+    """The answer loss on `batches` averaged over `policies` assembled from `bank` (no training); the model ends
+    dense."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for policy in policies:
+            bank.assemble(model, policy)
+            for batch in batches:
+                inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
+                total += float(answer_loss(model, inputs, batch["labels"])) / (len(policies) * len(batches))
+    finally:
+        bank.restore(model)
+        model.train(was_training)
+    return total
+
+
 class _Batches(Dataset):
     def __init__(self, batches):
         self.batches = batches

@@ -5,6 +5,8 @@ import torch
 from efficientllava.data.collate import Collator
 from efficientllava.projector import (
     ProjectorTuner,
+    answer_loss,
+    check_loss,
     load_projector,
     projector_module,
     save_projector,
@@ -73,3 +75,18 @@ def test_policies_and_batches_are_required(setup):
         ProjectorTuner(model, bank, [], batches)
     with pytest.raises(ValueError, match="no batches"):
         ProjectorTuner(model, bank, policies, [])
+
+
+def test_check_loss_is_the_answer_loss_averaged_over_policies_and_trains_nothing(setup):
+    model, bank, policies, batches = setup
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = []
+    for policy in policies:
+        bank.assemble(model, policy)
+        with torch.no_grad():
+            expected.append(float(answer_loss(model, {k: batches[0][k] for k in ("input_ids", "attention_mask",
+                                                                             "pixel_values")}, batches[0]["labels"])))
+    bank.restore(model)
+    assert check_loss(model, bank, policies, batches) == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+    assert expected[0] != expected[1]  # the policies differ, so the average means something
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # dense again, nothing trained

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import efficientllava  # noqa: F401  (config resolvers)
@@ -83,6 +84,8 @@ def no_work(monkeypatch):
      "cannot be met within tolerance"),
     (["search.granularity=head"], SettingsError, "search.granularity is 'head'"),
     (["bank.layers.components=[projector,language_model]"], SettingsError, "selects projector layer"),
+    (["search.projector.holdout=1.0"], SettingsError, r"holdout is 1.0; expected a share in \[0, 1\)"),
+    (["search.projector.holdout=0.01"], SettingsError, "0 of the 8 search samples"),
 ])
 def test_bad_inputs_raise_before_work(tiny, tmp_path, no_work, overrides, error, match):
     with pytest.raises(error, match=match):
@@ -150,6 +153,34 @@ def test_search_end_to_end_writes_every_output(tiny, tmp_path):
     again = loop.run_search(compose_search(tiny), tmp_path)  # same run dir: everything is reused
     assert again["candidates_evaluated_this_run"] == 0
     assert json.loads((tmp_path / "best_policy.json").read_text())["ratios"] == policy["ratios"]
+
+
+@pytest.mark.parametrize("losses, accepted", [((1.0, 2.0), False), ((2.0, 1.0), True)])
+def test_a_projector_round_is_kept_only_if_the_held_back_loss_does_not_rise(tiny, toy_dir, tmp_path, monkeypatch,
+                                                                          losses, accepted):
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    from efficientllava.projector import projector_state
+
+    seen = []
+
+    def check_loss(model, bank, policies, batches):  # before, then after the round
+        seen.append(sum(len(b["labels"]) for b in batches))
+        return losses[len(seen) - 1]
+
+    monkeypatch.setattr(loop, "check_loss", check_loss)
+    overrides = ["search.projector.holdout=0.25", "search.projector.lr=0.1", "save_pruned_model=false"]
+    summary = loop.run_search(compose_search(tiny + overrides), tmp_path)
+    assert seen == [2, 2]  # 2 of the 8 search samples held back, read before and after the round
+    info = json.loads((tmp_path / "projector" / "round_1.json").read_text())
+    assert info["accepted"] is accepted and summary["projector_rounds"][0]["accepted"] is accepted
+    original = projector_state(LlavaForConditionalGeneration.from_pretrained(toy_dir))
+    saved = load_file(str(tmp_path / "projector" / "round_1.safetensors"))
+    unchanged = all(torch.equal(saved[k], v) for k, v in original.items())
+    assert unchanged is not accepted  # rejected: the previous projector stayed; kept: the trained one
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "owl", "ecoflap", "random"])

@@ -26,7 +26,8 @@ from efficientllava.logging_setup import build_loggers
 from efficientllava.models import load_from_config
 from efficientllava.outputs import atomic_directory, write_json
 from efficientllava.policy import ModelIdentity, Policy, PolicyMismatchError, SearchSpace
-from efficientllava.projector import load_projector, save_projector, train_projector
+from efficientllava.projector import (check_loss, load_projector, load_projector_state, projector_state,
+                                      save_projector, train_projector)
 from efficientllava.pruning import PruningBank, get_linear, prune_model, pruner_options, select_from_config, sparsity
 from efficientllava.search import baselines
 from efficientllava.search.acceleration import Acceleration, budget_summary
@@ -99,6 +100,11 @@ class SearchRun:
             sample_metric(self.search_records + self.heldout_records)
         except ValueError as err:
             raise SettingsError(f"data: {err}") from None
+        self.n_check = round(s.projector.holdout * len(self.search_records)) if s.projector.enabled else 0
+        if s.projector.enabled and s.projector.holdout > 0 and not 1 <= self.n_check < len(self.search_records):
+            raise SettingsError(f"search.projector.holdout is {s.projector.holdout}: {self.n_check} of the "
+                                f"{len(self.search_records)} search samples; expected a share that keeps at least "
+                                "one sample for the check and one for the loss")
         self.layers = select_from_config(self.model, cfg.bank.get("layers"))
         if not self.layers:
             raise SettingsError(f"bank.layers selects no layer of '{self.model_path}'; expected at least one "
@@ -154,7 +160,10 @@ class SearchRun:
                                            scoring)
         self.calib_batches = answer_batches(self.search_records, self.processor, int(self.cfg.bank.batch_size),
                                             scoring)
-        self.loss_batches = answer_batches(self.search_records, self.processor, s.projector.batch_size, scoring)
+        fit = len(self.search_records) - self.n_check  # the last n_check samples judge each projector round
+        self.loss_batches = answer_batches(self.search_records[:fit], self.processor, s.projector.batch_size, scoring)
+        self.check_batches = (answer_batches(self.search_records[fit:], self.processor, s.projector.batch_size, scoring)
+                              if self.n_check else [])
         self.dense_search = accuracy_by_category(model, self.samples)
         self.dense_heldout = accuracy_by_category(model, self.heldout)
         self.dense_seconds = forward_seconds(model, self.samples, repeats=3)
@@ -266,10 +275,22 @@ class SearchRun:
             if self.accel is not None:  # each policy with its structure and visual tokens
                 bank = self.accel.bank_view(self.bank)
                 policies = [self.accel.policy_ratios(self.space, t["genome"]) for t in top]
+            check = {}
+            if self.check_batches:  # the round is kept only if the held-back samples' loss does not rise
+                previous = {k: v.detach().clone() for k, v in projector_state(self.model).items()}
+                check["check_loss_before"] = check_loss(self.model, bank, policies, self.check_batches)
             losses = train_projector(self.model, bank, policies, self.loss_batches, p.steps, p.lr, p.weight_decay)
+            if self.check_batches:
+                check["check_loss_after"] = check_loss(self.model, bank, policies, self.check_batches)
+                check["accepted"] = check["check_loss_after"] <= check["check_loss_before"]
+                if not check["accepted"]:
+                    load_projector_state(self.model, previous)
+                log.info("projector round %d: loss on the %d held-back samples %.4f -> %.4f: %s", r, self.n_check,
+                         check["check_loss_before"], check["check_loss_after"],
+                         "kept" if check["accepted"] else "rejected (the previous projector stays)")
             save_projector(path, self.model)
             info = {"round": r, "before_generation": generation, "policies": [t["id"] for t in top],
-                    "losses": losses, "seconds": time.perf_counter() - start}
+                    "losses": losses, **check, "seconds": time.perf_counter() - start}
             write_json(info_path, info)
             log.info("projector round %d: loss %.4f -> %.4f over %d steps (%.1fs)", r,
                      losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), len(losses),

@@ -30,6 +30,7 @@ class ProjectorSettings:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 64
+    holdout: float = 0.0  # share of the N samples kept out of the loss to accept or reject each round
 
 
 @dataclass
@@ -160,7 +161,10 @@ def read_settings(cfg) -> SearchSettings:
         lr=_float(p, "lr", 1e-3, where="search.projector"),
         weight_decay=_float(p, "weight_decay", 0.0, where="search.projector"),
         batch_size=_int(p, "batch_size", 64, minimum=1, where="search.projector"),
+        holdout=_float(p, "holdout", 0.0, where="search.projector"),
     )
+    if not 0.0 <= projector.holdout < 1.0:
+        _fail("search.projector.holdout", projector.holdout, "a share in [0, 1) of the N search samples")
     if projector.enabled and projector.top_k > evolution.population:
         _fail("search.projector.top_k", projector.top_k, f"at most search.population ({evolution.population}): "
               "the projector is trained over the best candidates of a generation")
