@@ -189,19 +189,23 @@ def bench_layers(device: torch.device, shapes=((4096, 11008), (11008, 4096)), sa
         del weight, hessian, stats
 
 
-def bench_whole(shape: str, device: torch.device, samples: int = 128, batch_size: int = 8) -> None:
+def bench_whole(shape: str, device: torch.device, samples: int = 128, batch_size: int = 8, blocks: int | None = None,
+                methods=("wanda", "sparsegpt")) -> None:
     """Every language-model linear layer of a LLaVA-1.5-shaped model at 50%: SparseGPT and Wanda, sequential, with
     `samples` calibration samples of 576 image + 64 text tokens. Wanda's operator time is also given alone (statistics
-    gathered beforehand), as is the peak memory of the whole process on the device (model included)."""
+    gathered beforehand), as is the peak memory of the whole process on the device (model included). `blocks`: only
+    the linears of the first `blocks` decoder blocks (calibration stops after the last of them): the working set
+    beside the resident model is one block's, so the peak memory is the whole prune's at a fraction of its time."""
     from efficientllava.llava15_shapes import random_batch, random_llava
     from efficientllava.pruning.calibration import calibrate
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     where = describe(device)
     rows = []
-    for method in ("wanda", "sparsegpt"):
+    for method in methods:
         model = random_llava(shape, device, dtype)
-        names = [n for n, info in select_layers(model).items() if info.component == "language_model"]
+        names = [n for n, info in select_layers(model).items() if info.component == "language_model"
+                 and (blocks is None or info.block < blocks)]
         batches = [random_batch(model, batch_size, seed=i) for i in range(max(1, samples // batch_size))]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -213,7 +217,7 @@ def bench_whole(shape: str, device: torch.device, samples: int = 128, batch_size
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         rows.append([method, len(names), f"{seconds:.1f}", f"{peak:.1f}"])
-        print(f"  {method}: whole language model pruned in {seconds:.1f} s (calibration included), "
+        print(f"  {method}: {len(names)} language-model linears pruned in {seconds:.1f} s (calibration included), "
               f"peak {peak:.1f} GiB", flush=True)
         if method == "wanda":  # the operator alone, statistics gathered beforehand
             stats = calibrate(model, batches, names, need=("sq_norms",))
@@ -225,7 +229,8 @@ def bench_whole(shape: str, device: torch.device, samples: int = 128, batch_size
         del model, batches
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n### Whole LLaVA-1.5 {shape}-shaped language model at 50% on {where}: random weights, "
+    scope = "Whole" if blocks is None else f"First {blocks} decoder blocks of the"
+    print(f"\n### {scope} LLaVA-1.5 {shape}-shaped language model at 50% on {where}: random weights, "
           f"{str(dtype).removeprefix('torch.')}, {samples} calibration samples x 640 tokens, sequential\n")
     print("| method | layers | time (s) | peak device memory, model included (GiB) |")
     print("|---|---|---|---|")
@@ -247,6 +252,8 @@ def main() -> None:
     parser.add_argument("--whole", choices=("7b", "13b", "scaled-down"), default=None,
                         help="also prune a whole LLaVA-1.5-shaped language model (7b needs CUDA; scaled-down runs anywhere)")
     parser.add_argument("--whole-samples", type=int, default=128)
+    parser.add_argument("--whole-blocks", type=int, default=None, help="only the first N decoder blocks (peak memory)")
+    parser.add_argument("--whole-methods", nargs="+", default=["wanda", "sparsegpt"], choices=["wanda", "sparsegpt"])
     args = parser.parse_args()
     if not args.skip_toy:
         bench_toy(args.model, torch.device("cpu"), args.samples, args.batch_size)
@@ -258,7 +265,7 @@ def main() -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type != "cuda" and args.whole != "scaled-down":
             raise SystemExit(f"--whole {args.whole} needs a CUDA device; --whole scaled-down runs on the CPU")
-        bench_whole(args.whole, device, args.whole_samples)
+        bench_whole(args.whole, device, args.whole_samples, blocks=args.whole_blocks, methods=args.whole_methods)
 
 
 if __name__ == "__main__":

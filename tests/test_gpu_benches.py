@@ -43,3 +43,11 @@ def test_bench_pruning_whole_model_prunes_every_language_model_linear(capsys):
     out = capsys.readouterr().out
     for method in ("| wanda | 14 |", "| wanda (operator only) | 14 |", "| sparsegpt | 14 |"):
         assert method in out  # 2 blocks x 7 linears
+
+
+@pytest.mark.slow
+def test_bench_pruning_first_blocks_only(capsys):
+    load("bench_pruning").bench_whole("scaled-down", torch.device("cpu"), samples=4, batch_size=4, blocks=1,
+                                      methods=("sparsegpt",))
+    out = capsys.readouterr().out
+    assert "First 1 decoder blocks" in out and "| sparsegpt | 7 |" in out and "wanda" not in out
