@@ -53,6 +53,9 @@ def main(argv=None) -> list[list]:
     from efficientllava.speed import describe_device
 
     device = torch.device(args.device)
+    if device.type != "cuda" and args.shape != "scaled-down":
+        raise SystemExit(f"--shape {args.shape} needs a CUDA device (a GPU with ~35 GB free); "
+                         "--shape scaled-down runs the same code on the CPU")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, processor = random_llava(args.shape, device, dtype), llava15_processor()
     records = toy_records(args.n, "val")

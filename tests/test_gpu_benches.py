@@ -28,6 +28,11 @@ def test_random_llava_and_its_batches():
         check_shape("70b")
 
 
+def test_bench_scoring_refuses_a_7b_on_the_cpu():
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        load("bench_scoring").main(["--shape", "7b", "--device", "cpu"])
+
+
 @pytest.mark.slow
 def test_bench_scoring_runs_both_scorings(capsys):
     rows = load("bench_scoring").main(["--shape", "scaled-down", "--device", "cpu", "--n", "8", "--batch-size", "4",
