@@ -26,6 +26,7 @@ from efficientllava.pruning.calibration import model_inputs
 from efficientllava.pruning.layers import select_layers, total_params
 from efficientllava.pruning.operators import inverse_hessian_factor, prune_weight
 from efficientllava.pruning.toy_calibration import toy_batches
+from efficientllava.speed import describe_device
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 TARGETS = (0.5, "2:4")
@@ -160,7 +161,7 @@ def bench_assembly(model, processor, bank, names, device, n_samples: int = 64, r
 def bench_layers(device: torch.device, shapes=((4096, 11008), (11008, 4096)), samples: int = 128,
                  tokens: int = 640) -> None:
     """One layer per (out, in) shape (default: LLaVA-1.5-7B's MLP), fp16, statistics from random tokens."""
-    where = describe(device)
+    where = describe_device(device)
     print(f"\n### LLaVA-1.5-7B-shaped layers on {where}: fp16 weights, "
           f"{samples}x{tokens} random calibration tokens\n")
     print("| layer (out x in) | method | target | time (s) | peak memory (MiB) |")
@@ -200,7 +201,7 @@ def bench_whole(shape: str, device: torch.device, samples: int = 128, batch_size
     from efficientllava.pruning.calibration import calibrate
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    where = describe(device)
+    where = describe_device(device)
     rows = []
     for method in methods:
         model = random_llava(shape, device, dtype)
@@ -236,10 +237,6 @@ def bench_whole(shape: str, device: torch.device, samples: int = 128, batch_size
     print("|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")
-
-
-def describe(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def main() -> None:

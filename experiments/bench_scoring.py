@@ -12,7 +12,6 @@ linear at ratios 0.3..0.7; a candidate is a random policy over those ratios. Med
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -20,20 +19,6 @@ import torch
 from efficientllava.llava15_shapes import SHAPES, llava15_processor, random_llava
 
 RATIOS = [0.3, 0.4, 0.5, 0.6, 0.7]
-
-
-def seconds(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None) -> list[list]:
@@ -50,7 +35,7 @@ def main(argv=None) -> list[list]:
     from efficientllava.pruning import PruningBank, select_layers
     from efficientllava.pruning.toy_calibration import toy_records
     from efficientllava.search.fitness import SearchSamples, letter_predictions
-    from efficientllava.speed import describe_device
+    from efficientllava.speed import compare, describe_device
 
     device = torch.device(args.device)
     if device.type != "cuda" and args.shape != "scaled-down":
@@ -68,7 +53,7 @@ def main(argv=None) -> list[list]:
     policies = iter([{n: RATIOS[int(i)] for n, i in zip(names, torch.randint(len(RATIOS), (len(names),),
                                                                               generator=generator))}
                      for _ in range(args.repeats + 1)])
-    assemble = seconds(lambda: bank.assemble(model, next(policies)), device, args.repeats)
+    assemble = compare({"assemble": lambda: bank.assemble(model, next(policies))}, device, args.repeats)["assemble"]
     print(f"\nLLaVA-1.5 {args.shape} shapes ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
           f"random weights, {str(dtype).removeprefix('torch.')}) on {describe_device(device)}, torch "
           f"{torch.__version__}: N={args.n} toy val records at 576 image tokens each, batch {args.batch_size}; "
@@ -79,7 +64,7 @@ def main(argv=None) -> list[list]:
         samples = SearchSamples.build(records, processor, args.batch_size, scoring=scoring)
         tokens = sum(int(b["attention_mask"].sum()) + int(b.get("option_lengths", torch.zeros(1)).sum())
                      for b in samples.batches)
-        forward = seconds(lambda: letter_predictions(model, samples), device, args.repeats)
+        forward = compare({"forward": lambda: letter_predictions(model, samples)}, device, args.repeats)["forward"]
         rows.append([scoring, f"{tokens:,}", f"{forward:.3f}", f"{assemble:.3f}", f"{forward + assemble:.3f}"])
     print("| scoring | tokens | scoring forward (s) | assemble from bank (s) | candidate (s) |")
     print("|---|---|---|---|---|")

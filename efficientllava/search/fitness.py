@@ -31,7 +31,7 @@ import torch
 from efficientllava.data.collate import Collator
 from efficientllava.data.prompts import LETTER, LETTERS, OPEN, SHORT
 from efficientllava.data.schema import CHOICE, JUDGED, VQA, record_metric
-from efficientllava.evaluation import MODEL_INPUTS, generate_from_batch, letter_token_ids
+from efficientllava.evaluation import MODEL_INPUTS, MODES, generate_from_batch, letter_token_ids
 from efficientllava.likelihood import option_logprobs
 from efficientllava.vqa import vqa_accuracy
 from efficientllava.pruning.bank import DENSE, choice_key
@@ -77,7 +77,7 @@ def generalization_term(table: dict[str, dict[str, float]], ratios: dict) -> flo
 
 
 # ---- task score -------------------------------------------------------------------------------------------------
-SCORINGS = ("letter", "likelihood")
+SCORINGS = MODES  # multiple-choice scorings: the evaluation modes
 
 
 def check_scoring(scoring: str) -> str:
@@ -159,7 +159,8 @@ def letter_predictions(model, samples: SearchSamples) -> torch.Tensor:
         rows = torch.arange(hidden.shape[0], device=device)
         last = hidden[rows, batch["last_index"].to(device)]
         logits = model.lm_head(last)[:, samples.letter_ids].float()
-        logits[torch.arange(len(LETTERS), device=device)[None, :] >= n_choices.to(device)[:, None]] = float("-inf")
+        too_many = torch.arange(len(LETTERS), device=device)[None, :] >= n_choices.to(device)[:, None]
+        logits[too_many] = float("-inf")
         preds.append(logits.argmax(-1).cpu())
     model.train(was_training)
     return torch.cat(preds)

@@ -449,9 +449,10 @@ class SearchRun:
                           "speedup_kind is 'measured', else predicted by the latency table measured on this machine "
                           "('latency_table'); estimated_speedup: FLOPs of the linear layers kept (ideal sparse "
                           "engine for the unstructured part)")
+        scored_by = "VQA accuracy" if self.samples.references is not None else f"{self.samples.scoring} scoring"
         write_json(d / "pareto.json", {
             "strategy": self.settings.strategy,
-            "axes": {"accuracy": "search_acc (% on the N search samples, " + ("VQA accuracy" if self.samples.references is not None else f"{self.samples.scoring} scoring") + ", bank-assembled candidate)",
+            "axes": {"accuracy": f"search_acc (% on the N search samples, {scored_by}, bank-assembled candidate)",
                      "speedup": speed_axis},
             "dense": {**dense_point, "heldout_acc": summary["dense"]["heldout_acc"]},
             "final": final_row,
