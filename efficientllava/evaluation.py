@@ -52,6 +52,11 @@ def _device(model):
 def predict_letter(model, collator: Collator, records: list[dict], letter_ids: list[int]) -> list[int]:
     batch = collator.prompts(records, [LETTER] * len(records))
     logits = model(**model_inputs(batch, _device(model))).logits
+    return letter_choices(logits, batch, records, letter_ids)
+
+
+def letter_choices(logits: torch.Tensor, batch: dict, records: list[dict], letter_ids: list[int]) -> list[int]:
+    """The option whose letter scores highest at each prompt's last position (letters beyond its choices excluded)."""
     rows = torch.arange(len(records), device=logits.device)
     last = logits[rows, batch["last_index"].to(logits.device)][:, letter_ids].float()
     n_choices = torch.tensor([len(r["choices"]) for r in records], device=logits.device)
@@ -210,11 +215,18 @@ class AccuracyTally:
         self.records: dict[str, tuple[int, tuple[bool, ...]]] = {}
 
     def update(self, model, collator, records, letter_ids):
+        self.check(records)
+        self.add(records, [predict(model, collator, records, mode, letter_ids) for mode in self.modes])
+
+    def check(self, records):
         for record in records:
             if record["category"] not in self.categories:
                 raise ValueError(f"record {record.get('id')!r} has category {record['category']!r}; "
                                  f"expected one of {self.categories}")
-        preds = [predict(model, collator, records, mode, letter_ids) for mode in self.modes]
+
+    def add(self, records, preds: list[list[int]]):
+        """Hits of predictions made elsewhere: one list of option indices per mode, in `self.modes` order."""
+        self.check(records)
         for i, record in enumerate(records):
             hits = tuple(bool(p[i] == record["answer"]) for p in preds)
             self.records[record["id"]] = (self.categories.index(record["category"]), hits)

@@ -148,6 +148,15 @@ def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", l
     return model.to(target).eval(), processor
 
 
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projector's output for each image, as (batch, image tokens, hidden)."""
+    out = model.get_image_features(pixel_values=pixel_values)
+    out = getattr(out, "pooler_output", out)
+    if isinstance(out, (list, tuple)):
+        out = torch.stack(list(out))
+    return out.reshape(pixel_values.shape[0], -1, out.shape[-1])
+
+
 def load_from_config(cfg, device=None):
     """`load_llava` with a Hydra `model` config node (path, dtype, device, check_memory, random_init, seed);
     `device` overrides the node's device (e.g. one GPU per process under DDP)."""

@@ -5,7 +5,9 @@ so that drifting machine load hits both alike, median of the repeats after warm-
 - prefill: one forward over image + prompt, filling the KV cache and computing the next-token logits only (what
   generation's first step does), over given batches or over the prompts of the search's N samples;
 - decode: tokens per second of greedy steps after a prefill (the prefill itself not timed).
-On CUDA each call is timed with CUDA events around it; on the CPU with `time.perf_counter`. `compare` times two
+On CUDA each call is timed with CUDA events around it; on the CPU with `time.perf_counter`. On CUDA a prefill can
+also be captured once as a CUDA graph and replayed (`GraphedPrefill`, `graphed_prefill_speedup`): eager prefill of
+one prompt is bound by kernel launches from Python, which a graph removes for both models alike. `compare` times two
 models (e.g. dense and a shrunk copy); `measure_speedup` swaps two weight sets in one model (unstructured masks on
 dense kernels: expect ~1.0x, which is the honest number for them).
 
@@ -21,9 +23,11 @@ from typing import Callable
 import torch
 
 from efficientllava.evaluation import MODEL_INPUTS
+from efficientllava.models import image_features
 from efficientllava.policy import choice_ratio
 from efficientllava.pruning.layers import get_linear
 from efficientllava.search.fitness import SearchSamples
+from efficientllava.token_pruning import image_token_id, token_pruner
 
 MEASURED = "measured"
 ESTIMATED = "estimated"
@@ -81,6 +85,86 @@ def _inputs(batch: dict, device) -> dict:
 def prefill(model, batch: dict):
     """Image + prompt through the whole model, KV cache filled, logits of the next token only."""
     return model(**_inputs(batch, model_device(model)), use_cache=True, logits_to_keep=1)
+
+
+@torch.no_grad()
+def lean_prefill(model, batch: dict, plan: dict | None = None) -> torch.Tensor:
+    """The prefill's work without the checks that read the device, so that a CUDA graph can capture it: image
+    features, their placement at the image tokens, the language model (cache filled) and the next-token logits,
+    (batch, 1, vocab). Equal to `prefill`'s logits (tested). `batch` holds input_ids and pixel_values, unpadded;
+    `plan` is the attached visual-token pruner's plan for these input_ids (`VisualTokenPruner.plan`)."""
+    ids, pixels = batch["input_ids"], batch["pixel_values"]
+    features = image_features(model, pixels)
+    embeds = model.get_input_embeddings()(ids)
+    rows, cols = batch["image_positions"]
+    embeds = embeds.index_put((rows, cols), features.reshape(-1, features.shape[-1]).to(embeds.dtype))
+    pruner = token_pruner(model)
+    if pruner is not None:
+        pruner.forward_state = None if plan is None else {**plan, "kept": None, "kwargs": None}
+    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=True).last_hidden_state
+    return model.lm_head(hidden[:, -1:])
+
+
+def lean_inputs(model, batch: dict) -> tuple[dict, dict | None]:
+    """`lean_prefill`'s inputs on the model's device (the image token positions found once, here) and the visual-token
+    pruner's plan, if one is attached."""
+    device = model_device(model)
+    inputs = _inputs(batch, device)
+    mask = inputs.pop("attention_mask", None)
+    if mask is not None and not bool(mask.all()):
+        raise SpeedError("a lean (graph-capturable) prefill got a padded batch; expected prompts of equal length")
+    image = inputs["input_ids"] == image_token_id(model)
+    per_row = image.sum(1)
+    if int(per_row.min()) != int(per_row.max()) or int(per_row.min()) == 0:
+        raise SpeedError(f"the batch's rows hold {sorted(set(per_row.tolist()))} image tokens; a lean prefill expects "
+                         "one image per row")
+    inputs["image_positions"] = image.nonzero(as_tuple=True)
+    pruner = token_pruner(model)
+    plan = pruner.plan(inputs["input_ids"]) if pruner is not None else None
+    return inputs, plan
+
+
+class GraphedPrefill:
+    """One prefill of `batch` captured as a CUDA graph; calling it replays the graph (no Python, no kernel launches
+    from the host: what a serving engine does for a fixed shape). The inputs stay fixed: for timing."""
+
+    def __init__(self, model, batch: dict, warmup: int = 2):
+        device = model_device(model)
+        if device.type != "cuda":
+            raise SpeedError(f"CUDA-graph prefill needs the model on a CUDA device; it is on {device}")
+        inputs, plan = lean_inputs(model, batch)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(max(warmup, 1)):  # CUDA graphs want their first runs on a side stream
+                lean_prefill(model, inputs, plan)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = lean_prefill(model, inputs, plan)
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.logits
+
+
+def graphed_prefill_speedup(dense, pruned, batch: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """Measured prefill speedup of `pruned` over `dense` with each prefill captured as a CUDA graph (launch overhead
+    removed from both); a model whose forward cannot be captured raises SpeedError with the reason."""
+    device = model_device(dense)
+    graphs = {}
+    for name, model in (("dense", dense), ("pruned", pruned)):
+        try:
+            graphs[name] = GraphedPrefill(model, batch)
+        except RuntimeError as err:  # e.g. an operation that reads the device during capture
+            raise SpeedError(f"the {name} model's prefill could not be captured as a CUDA graph: {err}") from err
+    med = compare(graphs, device, repeats, warmup)
+    return {
+        "dense_seconds": med["dense"], "pruned_seconds": med["pruned"],
+        "speedup": med["dense"] / max(med["pruned"], 1e-12), "kind": MEASURED,
+        "how": f"median of {repeats} interleaved CUDA-graph replays of one prefill ({int(batch['input_ids'].numel())} "
+               f"prompt tokens), dense vs pruned model in one process, on {describe_device(device)}",
+    }
 
 
 @torch.no_grad()

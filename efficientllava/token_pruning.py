@@ -47,6 +47,16 @@ def check_layer(layer, n_layers: int) -> int:
     return layer
 
 
+def image_token_id(model: nn.Module) -> int:
+    """The token id a LLaVA's prompts hold where the image goes."""
+    token = getattr(model.config, "image_token_id", None)
+    if token is None:
+        token = getattr(model.config, "image_token_index", None)
+    if token is None:
+        raise TokenPruningError("the model's config has no image_token_id; expected a LLaVA")
+    return int(token)
+
+
 def kept_count(n_image: int, keep: float) -> int:
     """Image tokens kept of `n_image` at ratio `keep` (at least one)."""
     return max(1, min(n_image, int(round(keep * n_image))))
@@ -75,12 +85,7 @@ class VisualTokenPruner:
         self.language_model = model.get_submodule(paths[0].rsplit(".", 2)[0])
         inner = getattr(model, "model", None)  # LlavaModel: receives input_ids (also when called directly)
         self.llava = inner if isinstance(inner, nn.Module) and hasattr(inner, "language_model") else model
-        image_token = getattr(model.config, "image_token_id", None)
-        if image_token is None:
-            image_token = getattr(model.config, "image_token_index", None)
-        if image_token is None:
-            raise TokenPruningError("the model's config has no image_token_id; expected a LLaVA")
-        self.image_token = int(image_token)
+        self.image_token = image_token_id(model)
         for i, block in enumerate(self.layers):
             attn = getattr(block, "self_attn", None)
             if attn is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj")):
@@ -147,16 +152,21 @@ class VisualTokenPruner:
         if ids is None:
             raise TokenPruningError("visual-token pruning needs input_ids to find the image tokens; the model was "
                                     "called with inputs_embeds only")
-        image = ids == self.image_token
-        counts = image.sum(1)
         past = kwargs.get("past_key_values")
         seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-        self.forward_state = None
+        self.forward_state = self.plan(ids, kwargs.get("attention_mask"), seen)
+        return None
+
+    def plan(self, ids: torch.Tensor, mask2d: torch.Tensor | None = None, seen: int = 0) -> dict | None:
+        """What the next forward over `ids` does (None: nothing). It reads token counts from the device, so a
+        caller that captures the forward as a CUDA graph plans first and sets `forward_state` to a fresh copy of
+        the plan before each captured or eager run (`speed.lean_prefill` does)."""
+        image = ids == self.image_token
+        counts = image.sum(1)
         if int(counts.max()) == 0:  # no image: a decoding step after a pruned prefill, or a text-only call
             if self.prefill is not None and seen >= self.prefill["length"]:
-                self.forward_state = {"mode": "decode"}
-            else:
-                self.prefill = None
+                return {"mode": "decode"}
+            self.prefill = None
             return None
         if int(counts.min()) != int(counts.max()):
             raise TokenPruningError(f"the batch's rows hold {sorted(set(counts.tolist()))} image tokens; visual-token "
@@ -169,16 +179,14 @@ class VisualTokenPruner:
         self.prefill = None
         if n_keep >= n_image:
             return None
-        mask2d = kwargs.get("attention_mask")
         length = ids.shape[1]
         if mask2d is not None:
             positions = torch.arange(length, device=ids.device)
             last = (mask2d.to(ids.device).long() * (positions + 1)).argmax(1)
         else:
             last = torch.full((ids.shape[0],), length - 1, device=ids.device)
-        self.forward_state = {"mode": "prefill", "image": image, "mask2d": mask2d, "last": last, "length": length,
-                              "n_keep": n_keep, "kept": None, "kwargs": None}
-        return None
+        return {"mode": "prefill", "image": image, "mask2d": mask2d, "last": last, "length": length,
+                "n_keep": n_keep, "n_kept": length - n_image + n_keep, "kept": None, "kwargs": None}
 
     @torch.no_grad()
     def _on_scores(self, attn, args, kwargs, output):
@@ -206,9 +214,11 @@ class VisualTokenPruner:
         received = logits.softmax(-1).mean(1)  # (b, s): attention each token receives from the last token
         image = state["image"].to(hidden.device)
         chosen = received.masked_fill(~image, float("-inf")).topk(state["n_keep"], dim=1).indices
-        keep = ~image
-        keep[rows[:, None], chosen] = True
-        state["kept"] = keep.nonzero()[:, 1].view(b, -1)
+        keep = (~image).scatter(1, chosen, True)
+        # the kept positions in ascending order, without reading the device (a CUDA graph can capture this): every
+        # row keeps the same count, and kept positions outrank dropped ones, earlier before later
+        order = keep.long() * (2 * s) + (s - 1 - positions)
+        state["kept"] = order.topk(state["n_kept"], dim=1).indices
         return None
 
     def _on_layer(self, j: int):

@@ -21,7 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from efficientllava.data.prompts import LETTER
 from efficientllava.data.scenes import COLOURS, GRID, SHAPES
+from efficientllava.evaluation import letter_choices
+from efficientllava.models import image_features
 from efficientllava.training import LlavaTrainingModule, cosine_schedule, per_sample_loss
 
 STAGES = ("scenes", "align", "joint")
@@ -66,15 +69,6 @@ class SceneEmbedding(nn.Module):
 
     def forward(self, classes: torch.Tensor) -> torch.Tensor:
         return self.content(classes) + self.position
-
-
-def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The projector's output for each image, as (batch, image tokens, hidden)."""
-    out = model.get_image_features(pixel_values=pixel_values)
-    out = getattr(out, "pooler_output", out)
-    if isinstance(out, (list, tuple)):
-        out = torch.stack(list(out))
-    return out.reshape(pixel_values.shape[0], -1, out.shape[-1])
 
 
 def alignment_loss(features: torch.Tensor, target: torch.Tensor, classes: torch.Tensor, object_weight: float = 4.0):
@@ -185,6 +179,27 @@ class StagedToyTraining(LlavaTrainingModule):
             return super().training_step(batch, batch_idx)
         self.log(f"{stage}/loss", loss, prog_bar=True)
         return loss
+
+    def validation_step(self, records, batch_idx):
+        """Letter accuracy on val records (`val/acc...`); while the scenes stage trains, with the scene embedding in
+        place of the not yet trained vision tower (`val_symbolic/acc...`): what the language model has learned."""
+        if self.stage_at(self.global_step) != "scenes":
+            return super().validation_step(records, batch_idx)
+        self.model.eval()
+        with torch.no_grad():
+            batch = self.collator.prompts(records, [LETTER] * len(records))
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            logits = symbolic_logits(self.model, self.scene, batch, cell_classes(records))
+            self.tally.add(records, [letter_choices(logits, batch, records, self.letter_ids)])
+        return None
+
+    def on_validation_epoch_end(self):
+        if self.stage_at(self.global_step) != "scenes":
+            return super().on_validation_epoch_end()
+        self.model.train()
+        for key, value in self.tally.compute(self).items():
+            self.log(f"val_symbolic/{key}", float(value), prog_bar=key == "acc")
+        return None
 
     def _group_schedule(self, trained_in: tuple[str, ...]):
         """Learning rate of a parameter group by global step: the stage's warm-up + cosine while the group is

@@ -28,7 +28,8 @@ import torch
 from efficientllava.evaluation import MODEL_INPUTS
 from efficientllava.pruning.structured import compute_importance, decoder_geometry, record_structure, shrink_block
 from efficientllava.pruning.structured import shrink_model
-from efficientllava.speed import (decode_speedup, describe_device, parameter_count, prefill_flops, prefill_speedup)
+from efficientllava.speed import (SpeedError, decode_speedup, describe_device, graphed_prefill_speedup, parameter_count,
+                                  prefill_flops, prefill_speedup)
 from efficientllava.token_pruning import VisualTokenPruner
 
 TOY_PLANS = {  # name: (MLP ratio, attention ratio, (K, R) or None)
@@ -139,19 +140,40 @@ def bench_7b(args) -> None:
     header = ["plan", "params (B)", *[f"prefill ms pruned / dense (B={b})" for b in batches],
               *[f"prefill x (B={b})" for b in batches], *[f"decode tok/s pruned / dense (B={b})" for b in batches],
               *[f"decode x (B={b})" for b in batches]]
-    rows = [["dense", f"{parameter_count(dense) / 1e9:.2f}", *["-"] * (4 * len(batches))]]
+    graphs = device.type == "cuda" and not args.no_cuda_graphs
+    if graphs:
+        header += [f"graphed prefill ms pruned / dense (B={b})" for b in batches]
+        header += [f"graphed prefill x (B={b})" for b in batches]
+    rows = [["dense", f"{parameter_count(dense) / 1e9:.2f}", *["-"] * ((6 if graphs else 4) * len(batches))]]
+    failures = []
     for name, plan in BIG_PLANS.items():
         pruned = big_plan(dense, *plan)
         pre = {b: prefill_speedup(dense, pruned, [batches[b]], args.repeats, 3) for b in batches}
         dec = {b: decode_speedup(dense, pruned, batches[b], args.decode_steps, args.repeats, 1) for b in batches}
-        rows.append([name, f"{parameter_count(pruned) / 1e9:.2f}",
-                     *[f"{1000 * pre[b]['pruned_seconds']:.1f} / {1000 * pre[b]['dense_seconds']:.1f}" for b in batches],
-                     *[f"{pre[b]['speedup']:.2f}" for b in batches],
-                     *[f"{dec[b]['pruned_tokens_per_s']:.0f} / {dec[b]['dense_tokens_per_s']:.0f}" for b in batches],
-                     *[f"{dec[b]['speedup']:.2f}" for b in batches]])
+        row = [name, f"{parameter_count(pruned) / 1e9:.2f}",
+               *[f"{1000 * pre[b]['pruned_seconds']:.1f} / {1000 * pre[b]['dense_seconds']:.1f}" for b in batches],
+               *[f"{pre[b]['speedup']:.2f}" for b in batches],
+               *[f"{dec[b]['pruned_tokens_per_s']:.0f} / {dec[b]['dense_tokens_per_s']:.0f}" for b in batches],
+               *[f"{dec[b]['speedup']:.2f}" for b in batches]]
+        if graphs:
+            graphed = {}
+            for b in batches:
+                try:
+                    graphed[b] = graphed_prefill_speedup(dense, pruned, batches[b], args.repeats, 3)
+                except SpeedError as err:
+                    failures.append(f"{name}, B={b}: {err}")
+            row += [f"{1000 * graphed[b]['pruned_seconds']:.1f} / {1000 * graphed[b]['dense_seconds']:.1f}"
+                    if b in graphed else "failed" for b in batches]
+            row += [f"{graphed[b]['speedup']:.2f}" if b in graphed else "failed" for b in batches]
+        rows.append(row)
         del pruned
         torch.cuda.empty_cache()
     print(table(header, rows))
+    if graphs:
+        print("\nGraphed: each prefill captured once as a CUDA graph (speed.GraphedPrefill) and replayed, so host-side "
+              "launch overhead is gone from both models, as in a serving engine's fixed-shape path.")
+    for failure in failures:
+        print(f"CUDA-graph capture failed: {failure}")
     bench_two_four(args, device, dtype)
 
 
@@ -197,6 +219,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=("7b", "13b", "scaled-down"), default="7b",
                         help="LLaVA-1.5 shape of the big-model section")
     parser.add_argument("--big-device", default=None, help="device of the big-model section (default: cuda if any)")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="big-model section on CUDA: skip the CUDA-graph prefill columns (eager only)")
     parser.add_argument("--scoring", choices=("likelihood", "letter"), default="likelihood",
                         help="multiple-choice scoring of the accuracy column")
     args = parser.parse_args()

@@ -7,8 +7,8 @@ import torch
 from efficientllava.evaluation import MODEL_INPUTS
 from efficientllava.pruning.structured import decoder_geometry, shrink_model
 from efficientllava.pruning.toy_calibration import toy_model_and_batches
-from efficientllava.speed import (MEASURED, SpeedError, compare, decode_speedup, estimated_speedup, parameter_count,
-                                  prefill_flops, prefill_speedup)
+from efficientllava.speed import (MEASURED, GraphedPrefill, SpeedError, compare, decode_speedup, estimated_speedup,
+                                  lean_inputs, lean_prefill, parameter_count, prefill, prefill_flops, prefill_speedup)
 from efficientllava.token_pruning import VisualTokenPruner
 
 
@@ -53,3 +53,28 @@ def test_bad_timing_requests_are_refused(dense_and_pruned):
         decode_speedup(dense, pruned, batches[0], steps=2, repeats=1)
     with pytest.raises(SpeedError, match="decode steps is 0"):
         decode_speedup(dense, pruned, unpadded(batches[0]), steps=0, repeats=1)
+
+
+def test_lean_prefill_gives_the_prefills_logits(dense_and_pruned):
+    """The graph-capturable prefill (no reads of the device) computes what the model's own forward does: dense,
+    and shrunk with visual tokens dropped after layer 1; its pruner plan ranks the image tokens the same way."""
+    dense, pruned, batches = dense_and_pruned
+    for b in range(2):
+        batch = unpadded({k: v[b:] for k, v in batches[0].items()})
+        for model in (dense, pruned):
+            expected = prefill(model, batch).logits[:, -1:]
+            inputs, plan = lean_inputs(model, batch)
+            assert (plan is None) == (model is dense)
+            torch.testing.assert_close(lean_prefill(model, inputs, plan), expected, rtol=1e-4, atol=1e-4)
+    # the pruner's plan is what makes the difference: without it, no tokens drop
+    inputs, plan = lean_inputs(pruned, unpadded(batches[0]))
+    assert plan["n_kept"] < inputs["input_ids"].shape[1]
+    assert not torch.allclose(lean_prefill(pruned, inputs, None), lean_prefill(pruned, inputs, plan))
+
+
+def test_lean_and_graphed_prefills_refuse_what_they_cannot_do(dense_and_pruned):
+    dense, _, batches = dense_and_pruned
+    with pytest.raises(SpeedError, match="got a padded batch"):
+        lean_inputs(dense, batches[0])
+    with pytest.raises(SpeedError, match="needs the model on a CUDA device; it is on cpu"):
+        GraphedPrefill(dense, unpadded(batches[0]))

@@ -107,3 +107,30 @@ def test_each_stage_trains_only_its_own_parameters(small_benchmark, tmp_path):
     assert torch.equal(scene_after_scenes[0], module.scene.content.weight)
     pixels = Collator(processor).prompts([small_benchmark["train"][0]], ["short"])["pixel_values"]
     assert image_features(model, pixels).shape == (1, 16, 32)  # one projected vector per image token, as the scene
+
+
+def test_validation_in_the_scenes_stage_reads_the_scene_not_the_pixels(test_records):
+    """While only the language model trains, val letter accuracy is measured with the scene embedding where the
+    image goes (the vision tower is untrained then): the same choices as scoring symbolic logits directly, whatever
+    the vision side holds."""
+    from efficientllava.data.prompts import LETTER
+    from efficientllava.evaluation import letter_choices
+
+    records = test_records[:8]
+    model, processor = build_toy_llava(TINY, seed=0)
+    module = StagedToyTraining(model, processor, sorted({r["category"] for r in records}), STAGES)
+    assert module.stage_at(module.global_step) == "scenes"
+    batch = Collator(processor).prompts(records, [LETTER] * len(records))
+    with torch.no_grad():
+        expected = letter_choices(symbolic_logits(model, module.scene, batch, cell_classes(records)), batch, records,
+                                  module.letter_ids)
+    hits = []
+    for scale in (1.0, 0.0):  # 0: the projector outputs nothing, which only the image path would notice
+        with torch.no_grad():
+            for p in model.model.multi_modal_projector.parameters():
+                p.mul_(scale)
+        module.validation_step(records, 0)
+        hits.append(dict(module.tally.records))
+        module.tally.reset()
+    assert hits[0] == hits[1] == {r["id"]: (module.tally.categories.index(r["category"]), (e == r["answer"],))
+                                  for r, e in zip(records, expected)}
