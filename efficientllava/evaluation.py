@@ -20,6 +20,7 @@ from efficientllava.data.collate import IGNORE, Collator
 from efficientllava.data.prompts import LETTER, LETTERS, OPEN
 from efficientllava.data.schema import CHOICE, VQA, record_metric
 from efficientllava.likelihood import option_batch, predict_options
+from efficientllava.models import model_device
 from efficientllava.vqa import vqa_accuracy
 
 MODES = ("letter", "likelihood")
@@ -44,24 +45,27 @@ def letter_token_ids(tokenizer) -> list[int]:
     return firsts
 
 
-def _device(model):
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def predict_letter(model, collator: Collator, records: list[dict], letter_ids: list[int]) -> list[int]:
     batch = collator.prompts(records, [LETTER] * len(records))
-    logits = model(**model_inputs(batch, _device(model))).logits
+    logits = model(**model_inputs(batch, model_device(model))).logits
     return letter_choices(logits, batch, records, letter_ids)
 
 
 def letter_choices(logits: torch.Tensor, batch: dict, records: list[dict], letter_ids: list[int]) -> list[int]:
     """The option whose letter scores highest at each prompt's last position (letters beyond its choices excluded)."""
     rows = torch.arange(len(records), device=logits.device)
-    last = logits[rows, batch["last_index"].to(logits.device)][:, letter_ids].float()
     n_choices = torch.tensor([len(r["choices"]) for r in records], device=logits.device)
-    last[torch.arange(len(LETTERS), device=logits.device)[None, :] >= n_choices[:, None]] = float("-inf")
-    return last.argmax(-1).tolist()
+    return choose_letter(logits[rows, batch["last_index"].to(logits.device)], n_choices, letter_ids).tolist()
+
+
+def choose_letter(last: torch.Tensor, n_choices: torch.Tensor, letter_ids: list[int]) -> torch.Tensor:
+    """Option indices from (rows, vocab) logits at each prompt's last position: the best-scoring letter among the
+    first `n_choices` of each row."""
+    scores = last[:, letter_ids].float()
+    beyond = torch.arange(len(LETTERS), device=last.device)[None, :] >= n_choices.to(last.device)[:, None]
+    scores[beyond] = float("-inf")
+    return scores.argmax(-1)
 
 
 def answer_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -97,7 +101,7 @@ def generate_from_batch(model, batch: dict, tokenizer, max_new_tokens: int = 16)
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_padded(batch, pad)
-    device = _device(model)
+    device = model_device(model)
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                          pixel_values=batch["pixel_values"].to(device), max_new_tokens=int(max_new_tokens),
                          do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
@@ -215,18 +219,14 @@ class AccuracyTally:
         self.records: dict[str, tuple[int, tuple[bool, ...]]] = {}
 
     def update(self, model, collator, records, letter_ids):
-        self.check(records)
         self.add(records, [predict(model, collator, records, mode, letter_ids) for mode in self.modes])
 
-    def check(self, records):
+    def add(self, records, preds: list[list[int]]):
+        """Hits of predictions (one list of option indices per mode, in `self.modes` order)."""
         for record in records:
             if record["category"] not in self.categories:
                 raise ValueError(f"record {record.get('id')!r} has category {record['category']!r}; "
                                  f"expected one of {self.categories}")
-
-    def add(self, records, preds: list[list[int]]):
-        """Hits of predictions made elsewhere: one list of option indices per mode, in `self.modes` order."""
-        self.check(records)
         for i, record in enumerate(records):
             hits = tuple(bool(p[i] == record["answer"]) for p in preds)
             self.records[record["id"]] = (self.categories.index(record["category"]), hits)

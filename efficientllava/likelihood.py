@@ -14,12 +14,10 @@ from __future__ import annotations
 import torch
 
 from efficientllava.data.collate import Collator
+from efficientllava.data.prompts import SHORT
+from efficientllava.models import model_device
 
 PROMPT_INPUTS = ("input_ids", "attention_mask", "pixel_values")
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _cut(cache, tokens: int) -> None:
@@ -36,7 +34,7 @@ def option_logprobs(model, batch: dict) -> torch.Tensor:
     for key in ("option_ids", "option_lengths", "last_index"):
         if key not in batch:
             raise KeyError(f"option_logprobs needs a Collator.options batch; this one has no {key!r}")
-    device = _device(model)
+    device = model_device(model)
     prompt_mask = batch["attention_mask"].to(device)
     out = model.model(**{k: batch[k].to(device) for k in PROMPT_INPUTS}, use_cache=True)
     hidden, cache = out.last_hidden_state, out.past_key_values
@@ -76,6 +74,4 @@ def predict_options(model, batch: dict) -> torch.Tensor:
 
 def option_batch(collator: Collator, records: list[dict]) -> dict:
     """The short-answer prompts of `records` with every option beside them."""
-    from efficientllava.data.prompts import SHORT
-
     return collator.options(records, [SHORT] * len(records))

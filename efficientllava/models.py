@@ -148,6 +148,11 @@ def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", l
     return model.to(target).eval(), processor
 
 
+def model_device(model) -> torch.device:
+    """The device of a model's (first) parameters."""
+    return next(model.parameters()).device
+
+
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """The projector's output for each image, as (batch, image tokens, hidden)."""
     out = model.get_image_features(pixel_values=pixel_values)

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from efficientllava.evaluation import MODEL_INPUTS
-from efficientllava.models import image_features
+from efficientllava.models import image_features, model_device
 from efficientllava.policy import choice_ratio
 from efficientllava.pruning.layers import get_linear
 from efficientllava.search.fitness import SearchSamples
@@ -35,10 +35,6 @@ ESTIMATED = "estimated"
 
 class SpeedError(ValueError):
     """A speed measurement asked for with settings that cannot work."""
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def describe_device(device: torch.device) -> str:

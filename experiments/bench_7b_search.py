@@ -53,7 +53,8 @@ def overrides(args, model_dir: Path, run_dir: Path) -> list[str]:
         "search.eta=0.00125", f"search.projector.every={args.projector_every}", "search.projector.top_k=2",
         f"search.projector.steps={args.projector_steps}", "search.projector.holdout=0.0",  # the paper's rounds
         f"search.projector.batch_size={min(args.batch_size, 8)}",
-        "bank.mode=masks", "++bank.device=model", f"bank.batch_size={min(args.batch_size, 8)}", f"final.batch_size={min(args.batch_size, 8)}",
+        "bank.mode=masks", "++bank.device=model", f"bank.batch_size={min(args.batch_size, 8)}",
+        f"final.batch_size={min(args.batch_size, 8)}",
     ] + ([] if args.full_space else WEIGHTS_ONLY)
 
 

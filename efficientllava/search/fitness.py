@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from efficientllava.data.collate import Collator
-from efficientllava.data.prompts import LETTER, LETTERS, OPEN, SHORT
+from efficientllava.data.prompts import LETTER, OPEN, SHORT
 from efficientllava.data.schema import CHOICE, JUDGED, VQA, record_metric
-from efficientllava.evaluation import MODEL_INPUTS, MODES, generate_from_batch, letter_token_ids
+from efficientllava.evaluation import MODEL_INPUTS, MODES, choose_letter, generate_from_batch, letter_token_ids
 from efficientllava.likelihood import option_logprobs
 from efficientllava.vqa import vqa_accuracy
 from efficientllava.pruning.bank import DENSE, choice_key
@@ -157,11 +157,8 @@ def letter_predictions(model, samples: SearchSamples) -> torch.Tensor:
             continue
         hidden = model.model(**{k: batch[k].to(device) for k in MODEL_INPUTS}).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=device)
-        last = hidden[rows, batch["last_index"].to(device)]
-        logits = model.lm_head(last)[:, samples.letter_ids].float()
-        too_many = torch.arange(len(LETTERS), device=device)[None, :] >= n_choices.to(device)[:, None]
-        logits[too_many] = float("-inf")
-        preds.append(logits.argmax(-1).cpu())
+        last = hidden[rows, batch["last_index"].to(device)]  # the LM head at the last positions only
+        preds.append(choose_letter(model.lm_head(last), n_choices, samples.letter_ids).cpu())
     model.train(was_training)
     return torch.cat(preds)
 
