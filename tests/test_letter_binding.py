@@ -1,0 +1,53 @@
+"""experiments/letter_binding.py: every layout states the answer and asks for its letter; a short run
+reports a val curve; bad layouts are named."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from efficientllava.data.prompts import LETTERS
+from efficientllava.data.toy_benchmark import generate_split
+from efficientllava.toy_model import ToyArchitecture, build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("letter_binding", ROOT / "experiments" / "letter_binding.py")
+letter_binding = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(letter_binding)
+
+
+@pytest.fixture(scope="module")
+def records():
+    cols = generate_split("val", 40, 0)
+    return [{k: cols[k][i] for k in ("question", "choices", "answer", "hint", "category")} for i in range(40)]
+
+
+@pytest.mark.parametrize("layout", list(letter_binding.LAYOUTS))
+def test_every_layout_states_the_answer_and_targets_its_letter(layout, records):
+    tokenizer = build_tokenizer()
+    examples = letter_binding.encode(tokenizer, records, layout)
+    for record, example in zip(records, examples):
+        tokens = tokenizer.convert_ids_to_tokens(example["ids"])
+        answer = tokenizer.tokenize(record["choices"][record["answer"]])
+        assert "<unk>" not in tokens
+        assert tokenizer.convert_ids_to_tokens(example["target"]) == LETTERS[record["answer"]]
+        assert example["n_choices"] == len(record["choices"])
+        # the answer is written twice: as its option and as the stated answer
+        starts = [i for i in range(len(tokens)) if tokens[i:i + len(answer)] == answer]
+        assert len(starts) >= 2, (layout, tokens)
+        if layout == "answer_last":
+            assert tokens[-len(answer):] == answer
+
+
+def test_a_short_run_reports_its_val_curve(records):
+    arch = ToyArchitecture(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    row = letter_binding.run_layout("answer_last", records, records[:10], arch, steps=4, eval_every=2,
+                                    batch_size=8, progress=False)
+    assert [step for step, _ in row["curve"]] == [2, 4]
+    assert all(0.0 <= acc <= 1.0 for _, acc in row["curve"])
+    assert row["prompt_tokens"] > 5
+
+
+@pytest.mark.parametrize("layout, steps, message", [("answer_middle", 4, "answer_middle"), ("answer_last", 0, "steps")])
+def test_bad_arguments_are_named(records, layout, steps, message):
+    with pytest.raises(ValueError, match=message):
+        letter_binding.run_layout(layout, records, records, ToyArchitecture(), steps=steps, eval_every=1)
