@@ -99,10 +99,28 @@ def build_processor():
     )
 
 
+def text_config(arch: ToyArchitecture, vocab_size: int):
+    """The toy's Llama decoder configuration."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden,
+        intermediate_size=arch.intermediate,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        num_key_value_heads=arch.kv_heads,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+
+
 def build_toy_llava(arch: ToyArchitecture | None = None, seed: int = 0):
     """A freshly initialised toy LLaVA and its processor."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     arch = arch or ToyArchitecture()
     processor = build_processor()
@@ -115,18 +133,7 @@ def build_toy_llava(arch: ToyArchitecture | None = None, seed: int = 0):
         patch_size=CELL,
         projection_dim=arch.vision_hidden,
     )
-    text = LlamaConfig(
-        vocab_size=len(processor.tokenizer),
-        hidden_size=arch.hidden,
-        intermediate_size=arch.intermediate,
-        num_hidden_layers=arch.layers,
-        num_attention_heads=arch.heads,
-        num_key_value_heads=arch.kv_heads,
-        max_position_embeddings=256,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
+    text = text_config(arch, len(processor.tokenizer))
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,

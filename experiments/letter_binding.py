@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from efficientllava.data.prompts import LETTER, LETTERS, build_prompt
 from efficientllava.evaluation import choose_letter, letter_token_ids
-from efficientllava.toy_model import ToyArchitecture, build_tokenizer
+from efficientllava.toy_model import ToyArchitecture, build_tokenizer, text_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"
 
@@ -45,13 +45,14 @@ LAYOUTS = {
 
 
 def encode(tokenizer, records: list[dict], layout: str) -> list[dict]:
-    """One example per record: the prompt's token ids, the letter token to predict after it, the option count."""
+    """One example per record: the prompt's token ids, the letter token to predict after it, the answer's index,
+    the option count."""
     letter_ids = letter_token_ids(tokenizer)
     examples = []
     for r in records:
         text = LAYOUTS[layout](r, r["choices"][r["answer"]])
         examples.append({"ids": tokenizer(text)["input_ids"], "target": letter_ids[r["answer"]],
-                         "n_choices": len(r["choices"])})
+                         "answer": r["answer"], "n_choices": len(r["choices"])})
     return examples
 
 
@@ -64,6 +65,7 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         mask[i, : len(e["ids"])] = 1
     return {"input_ids": ids, "attention_mask": mask, "last": mask.sum(1) - 1,
             "target": torch.tensor([e["target"] for e in examples]),
+            "answer": torch.tensor([e["answer"] for e in examples]),
             "n_choices": torch.tensor([e["n_choices"] for e in examples])}
 
 
@@ -87,9 +89,8 @@ class LetterBinding(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         chosen = choose_letter(self._last_logits(batch), batch["n_choices"], self.letter_ids)
-        target = torch.tensor([self.letter_ids.index(t) for t in batch["target"].tolist()], device=chosen.device)
-        self._correct += int((chosen == target).sum())
-        self._seen += len(target)
+        self._correct += int((chosen == batch["answer"]).sum())
+        self._seen += len(chosen)
 
     def on_validation_epoch_end(self):
         acc = self._correct / max(self._seen, 1)
@@ -102,17 +103,6 @@ class LetterBinding(pl.LightningModule):
         warmup = max(self.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def language_model(arch: ToyArchitecture, vocab_size: int, seed: int):
-    """The toy's decoder alone (the same LlamaConfig fields as `toy_model.build_toy_llava`), freshly initialised."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=arch.hidden, intermediate_size=arch.intermediate,
-                         num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
-                         num_key_value_heads=arch.kv_heads, max_position_embeddings=256)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
 
 
 def run_layout(layout: str, train: list[dict], val: list[dict], arch: ToyArchitecture, steps: int,
@@ -132,7 +122,11 @@ def run_layout(layout: str, train: list[dict], val: list[dict], arch: ToyArchite
     train_loader = torch.utils.data.DataLoader(train_examples, batch_size=batch_size, sampler=sampler,
                                                collate_fn=lambda b: collate(b, pad))
     val_loader = torch.utils.data.DataLoader(val_examples, batch_size=250, collate_fn=lambda b: collate(b, pad))
-    module = LetterBinding(language_model(arch, len(tokenizer), seed), letter_token_ids(tokenizer), lr, warmup_steps)
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(text_config(arch, len(tokenizer)))  # the toy's decoder alone, freshly initialised
+    module = LetterBinding(model, letter_token_ids(tokenizer), lr, warmup_steps)
     trainer = pl.Trainer(max_steps=steps, val_check_interval=eval_every, check_val_every_n_epoch=None,
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=progress, accelerator="cpu",
