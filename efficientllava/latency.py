@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from efficientllava.pruning.structured import BlockGeometry, decoder_geometry, shrink_block
-from efficientllava.speed import describe_device, model_device, timed
+from efficientllava.speed import describe_device, gc_paused, model_device, timed
 from efficientllava.token_pruning import kept_count
 
 FORMAT = "efficientllava.latency/1"
@@ -229,8 +229,9 @@ def _block_inputs(model, block_index: int, rows: int, tokens: int, padded: bool)
 
 
 def _time(fn, device, repeats: int) -> float:
-    fn()  # warm-up
-    return min(timed(fn, device) for _ in range(repeats))
+    with gc_paused():
+        fn()  # warm-up
+        return min(timed(fn, device) for _ in range(repeats))
 
 
 def monotone(entries: dict[str, float]) -> dict[str, float]:

@@ -95,7 +95,8 @@ def check_fits(path: str, n_params: int, dtype: torch.dtype, device: torch.devic
 
 
 def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", local_files_only: bool = False,
-               check_memory: bool = True, random_init: bool = False, seed: int = 0):
+               check_memory: bool = True, random_init: bool = False, seed: int = 0,
+               attn_implementation: str | None = None):
     """(model, processor) from a local directory or a hub id such as 'llava-hf/llava-1.5-7b-hf'.
 
     Weights load from safetensors only; no remote code runs. The model is returned in eval mode. With
@@ -103,6 +104,8 @@ def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", l
     `random_init` builds the model from the config with random weights (seeded) instead of loading weights.
     A model saved after structured shrinking is rebuilt at its recorded per-block sizes
     (`pruning/structured.load_shrunk`), and visual-token pruning saved with a model is re-attached.
+    `attn_implementation` (e.g. 'eager', 'sdpa') sets the attention kernels of every sub-model; None keeps
+    transformers' default.
     """
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
@@ -144,6 +147,12 @@ def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", l
                                                                   **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a LLaVA from '{path}': {err}") from err
+    if attn_implementation is not None:
+        try:
+            model.set_attn_implementation(attn_implementation)
+        except (ValueError, ImportError) as err:
+            raise ModelLoadError(f"attention implementation {attn_implementation!r} is not available for '{path}': "
+                                 f"{err}; expected one transformers supports here, e.g. 'eager' or 'sdpa'") from err
     attach_from_config(model)  # visual-token pruning recorded with the model, if any
     return model.to(target).eval(), processor
 
@@ -163,9 +172,10 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def load_from_config(cfg, device=None):
-    """`load_llava` with a Hydra `model` config node (path, dtype, device, check_memory, random_init, seed);
+    """`load_llava` with a Hydra `model` config node (path, dtype, device, check_memory, random_init, seed,
+    attn_implementation);
     `device` overrides the node's device (e.g. one GPU per process under DDP)."""
     return load_llava(cfg.path, dtype=cfg.get("dtype", "float32"),
                       device=device if device is not None else cfg.get("device", "auto"),
                       check_memory=cfg.get("check_memory", True), random_init=cfg.get("random_init", False),
-                      seed=cfg.get("seed", 0))
+                      seed=cfg.get("seed", 0), attn_implementation=cfg.get("attn_implementation"))

@@ -17,7 +17,10 @@ ratio x the layer's FLOPs (a sparse engine that skips every pruned multiply-add 
 """
 from __future__ import annotations
 
+import gc
 import time
+from contextlib import contextmanager
+from statistics import quantiles
 from typing import Callable
 
 import torch
@@ -50,6 +53,21 @@ def _check_counts(repeats: int, warmup: int) -> None:
         raise SpeedError(f"repeats is {repeats!r}; expected an integer >= 1 (timed calls per model)")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise SpeedError(f"warmup is {warmup!r}; expected an integer >= 0 (untimed calls first)")
+
+
+@contextmanager
+def gc_paused():
+    """Python's garbage collector paused (after a full collection) while timing, as `timeit` does: a collection pass
+    over a large heap (a search holds thousands of candidate records) would land on whichever call is running, and
+    it costs a short pruned call relatively more than a long dense one."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -192,23 +210,41 @@ def decode_seconds(model, batch: dict, steps: int) -> float:
 STATISTICS = {"median": median, "min": min}
 
 
+def interleaved_times(runs: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
+                      warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each callable over `repeats` rounds, one call of each per round (interleaved): {name: [seconds]}."""
+    _check_counts(repeats, warmup)
+    times = {name: [] for name in runs}
+    with gc_paused():
+        for _ in range(warmup):
+            for fn in runs.values():
+                fn()
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                times[name].append(timed(fn, device))
+    return times
+
+
 def compare(runs: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5, warmup: int = 1,
             statistic: str = "median") -> dict:
     """Seconds of each callable, timed interleaved, reduced by `statistic` over the repeats: {name: seconds}.
 
     "median" is what is reported; "min" (noise on a shared machine only adds time) is what the latency table is
     calibrated with, like its own entries."""
-    _check_counts(repeats, warmup)
     if statistic not in STATISTICS:
         raise SpeedError(f"statistic is {statistic!r}; expected one of {list(STATISTICS)}")
-    for _ in range(warmup):
-        for fn in runs.values():
-            fn()
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            times[name].append(timed(fn, device))
+    times = interleaved_times(runs, device, repeats, warmup)
     return {name: STATISTICS[statistic](t) for name, t in times.items()}
+
+
+def paired_quartiles(dense: list[float], pruned: list[float]) -> tuple[float, float]:
+    """First and third quartiles of the per-round speedups dense_i / pruned_i: the spread of a measured speedup
+    (a round's two calls run back to back, so a slow stretch of the machine slows both)."""
+    ratios = sorted(d / max(p, 1e-12) for d, p in zip(dense, pruned))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q = quantiles(ratios, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def prefill_speedup(dense, pruned, batches: list[dict], repeats: int = 5, warmup: int = 1) -> dict:
@@ -233,13 +269,14 @@ def prefill_speedup(dense, pruned, batches: list[dict], repeats: int = 5, warmup
 def decode_speedup(dense, pruned, batch: dict, steps: int = 16, repeats: int = 5, warmup: int = 1) -> dict:
     """Measured decode tokens/s of both models (greedy steps after an untimed prefill, interleaved) and their ratio."""
     _check_counts(repeats, warmup)
-    for _ in range(warmup):
-        decode_seconds(dense, batch, steps)
-        decode_seconds(pruned, batch, steps)
     times = {"dense": [], "pruned": []}
-    for _ in range(repeats):
-        times["dense"].append(decode_seconds(dense, batch, steps))
-        times["pruned"].append(decode_seconds(pruned, batch, steps))
+    with gc_paused():
+        for _ in range(warmup):
+            decode_seconds(dense, batch, steps)
+            decode_seconds(pruned, batch, steps)
+        for _ in range(repeats):
+            times["dense"].append(decode_seconds(dense, batch, steps))
+            times["pruned"].append(decode_seconds(pruned, batch, steps))
     med = {k: median(v) for k, v in times.items()}
     rows = int(batch["input_ids"].shape[0])
     return {
@@ -253,15 +290,21 @@ def decode_speedup(dense, pruned, batch: dict, steps: int = 16, repeats: int = 5
 def scoring_speedup(dense, pruned, samples: SearchSamples, repeats: int = 5, warmup: int = 1,
                     statistic: str = "median") -> dict:
     """Measured prefill speedup over the search samples' prompts (image + prompt: the scoring forward that pruning
-    speeds up; option-likelihood continuations over the cache are a few tokens each and not timed), two models."""
+    speeds up; option-likelihood continuations over the cache are a few tokens each and not timed), two models.
+    `quartiles`: the spread of the per-round speedups (`paired_quartiles`)."""
+    if statistic not in STATISTICS:
+        raise SpeedError(f"statistic is {statistic!r}; expected one of {list(STATISTICS)}")
     device = model_device(dense)
-    med = compare({"dense": lambda: _prefill_all(dense, samples),
-                   "pruned": lambda: _prefill_all(pruned, samples)}, device, repeats, warmup, statistic)
+    times = interleaved_times({"dense": lambda: _prefill_all(dense, samples),
+                               "pruned": lambda: _prefill_all(pruned, samples)}, device, repeats, warmup)
+    med = {name: STATISTICS[statistic](t) for name, t in times.items()}
+    q1, q3 = paired_quartiles(times["dense"], times["pruned"])
     return {
         "dense_seconds": med["dense"], "pruned_seconds": med["pruned"],
-        "speedup": med["dense"] / max(med["pruned"], 1e-12), "kind": MEASURED,
+        "speedup": med["dense"] / max(med["pruned"], 1e-12), "kind": MEASURED, "quartiles": [q1, q3],
         "how": f"{statistic} of {repeats} interleaved prefills (image + prompt) of the {len(samples)} search samples, "
-               f"dense vs pruned model in one process, on {describe_device(device)}",
+               f"dense vs pruned model in one process, on {describe_device(device)}; per-round speedups' quartiles "
+               f"{q1:.2f}-{q3:.2f}",
     }
 
 
@@ -284,21 +327,25 @@ def measure_speedup(model, samples: SearchSamples, dense: dict[str, torch.Tensor
     _check_counts(repeats, warmup)
     device = model_device(model)
     times = {"dense": [], "pruned": []}
-    for _ in range(warmup):
-        _prefill_all(model, samples)
-    for _ in range(repeats):
-        for kind, weights in (("dense", dense), ("pruned", pruned)):
-            _swap_in(model, weights)
-            times[kind].append(timed(lambda: _prefill_all(model, samples), device))
+    with gc_paused():
+        for _ in range(warmup):
+            _prefill_all(model, samples)
+        for _ in range(repeats):
+            for kind, weights in (("dense", dense), ("pruned", pruned)):
+                _swap_in(model, weights)
+                times[kind].append(timed(lambda: _prefill_all(model, samples), device))
     _swap_in(model, pruned)
     med = {k: median(v) for k, v in times.items()}
+    q1, q3 = paired_quartiles(times["dense"], times["pruned"])
     return {
         "dense_seconds": med["dense"],
         "pruned_seconds": med["pruned"],
         "speedup": med["dense"] / max(med["pruned"], 1e-12),
         "kind": MEASURED,
+        "quartiles": [q1, q3],
         "how": f"median of {repeats} interleaved prefills (image + prompt) of the {len(samples)} search samples, "
-               f"dense vs pruned weights in one process, on {describe_device(device)} (dense kernels: masks buy no speed)",
+               f"dense vs pruned weights in one process, on {describe_device(device)} (dense kernels: masks buy no "
+               f"speed); per-round speedups' quartiles {q1:.2f}-{q3:.2f}",
     }
 
 

@@ -47,3 +47,28 @@ def test_unreachable_hub_id_is_a_clear_error():
 def test_unknown_dtype():
     with pytest.raises(ValueError, match="dtype 'float8'"):
         load_llava(TOY_MODEL_DIR, dtype="float8")
+
+
+def test_attention_implementation_from_config_gives_the_same_logits():
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from efficientllava.models import load_from_config
+
+    node = {"path": str(TOY_MODEL_DIR), "device": "cpu"}
+    default, processor = load_from_config(OmegaConf.create(node))
+    eager, _ = load_from_config(OmegaConf.create({**node, "attn_implementation": "eager"}))
+    assert {eager.config.text_config._attn_implementation, eager.config.vision_config._attn_implementation} == {"eager"}
+    assert default.config.text_config._attn_implementation != "eager"
+    image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    texts = ["USER: What color is the square? <image> ASSISTANT:", "USER: Where is the cross? <image> ASSISTANT:"]
+    batch = processor(text=texts, images=[image, image], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a, b = default(**batch).logits, eager(**batch).logits
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_unknown_attention_implementation():
+    with pytest.raises(ModelLoadError, match="attention implementation 'nonsense' is not available .*expected one"):
+        load_llava(TOY_MODEL_DIR, device="cpu", attn_implementation="nonsense")

@@ -8,7 +8,8 @@ from efficientllava.evaluation import MODEL_INPUTS
 from efficientllava.pruning.structured import decoder_geometry, shrink_model
 from efficientllava.pruning.toy_calibration import toy_model_and_batches
 from efficientllava.speed import (MEASURED, GraphedPrefill, SpeedError, compare, decode_speedup, estimated_speedup,
-                                  lean_inputs, lean_prefill, parameter_count, prefill, prefill_flops, prefill_speedup)
+                                  lean_inputs, lean_prefill, paired_quartiles, parameter_count, prefill, prefill_flops,
+                                  prefill_speedup)
 from efficientllava.token_pruning import VisualTokenPruner
 
 
@@ -32,6 +33,25 @@ def test_prefill_and_decode_comparisons_report_measured_speedups(dense_and_prune
     assert pre["kind"] == MEASURED and pre["speedup"] > 0 and "interleaved prefills" in pre["how"]
     dec = decode_speedup(dense, pruned, unpadded(batches[0]), steps=2, repeats=1, warmup=0)
     assert dec["kind"] == MEASURED and dec["dense_tokens_per_s"] > 0 and dec["pruned_tokens_per_s"] > 0
+
+
+def test_paired_quartiles_are_the_spread_of_the_per_round_speedups():
+    # rounds with speedups 1, 2, 3, 4, 5 (a slow round slows both calls alike): quartiles 2 and 4
+    dense = [1.0, 4.0, 3.0, 8.0, 5.0]
+    pruned = [1.0, 2.0, 1.0, 2.0, 1.0]
+    assert paired_quartiles(dense, pruned) == pytest.approx((2.0, 4.0))
+    assert paired_quartiles([3.0], [2.0]) == pytest.approx((1.5, 1.5))
+
+
+def test_scoring_speedup_reports_its_spread(test_records):
+    from efficientllava.search.fitness import SearchSamples
+    from efficientllava.speed import scoring_speedup
+
+    model, processor, _ = toy_model_and_batches(seed=0, n=4, batch_size=4)
+    samples = SearchSamples.build(test_records[:4], processor, scoring="likelihood")
+    out = scoring_speedup(model, model, samples, repeats=3, warmup=0)
+    q1, q3 = out["quartiles"]
+    assert 0 < q1 <= q3 and "quartiles" in out["how"] and out["kind"] == MEASURED
 
 
 def test_shrinking_and_dropped_tokens_cut_flops_and_parameters(dense_and_pruned):

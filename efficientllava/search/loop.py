@@ -401,6 +401,7 @@ class SearchRun:
                                "heldout_acc": self.heldout_acc.get(best["id"]),
                                "assembled_with": f"{self.bank_options['method']} bank (one-shot)"},
             "speedup": {"measured": measured["speedup"], "measured_how": measured["how"],
+                        "measured_quartiles": measured.get("quartiles"),
                         "dense_seconds": measured["dense_seconds"], "pruned_seconds": measured["pruned_seconds"],
                         "estimated": estimated, "estimated_how": ESTIMATE_HOW},
             "search_seconds": self.search_seconds,
