@@ -255,6 +255,11 @@ def measure_latency_table(model, workload: Workload, groups: dict[str, list[int]
     (sets `rest`)."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise LatencyTableError(f"latency repeats is {repeats!r}; expected an integer >= 1")
+    with gc_paused():  # one collection for the whole table, not one per entry
+        return _measure_table(model, workload, groups, channels, token_keeps, dense_seconds, model_hash, repeats)
+
+
+def _measure_table(model, workload, groups, channels, token_keeps, dense_seconds, model_hash, repeats):
     geometry = decoder_geometry(model)
     device = model_device(model)
     table = LatencyTable(describe_device(device), model_hash, str(next(model.parameters()).dtype).replace("torch.", ""),

@@ -59,15 +59,16 @@ def _check_counts(repeats: int, warmup: int) -> None:
 def gc_paused():
     """Python's garbage collector paused (after a full collection) while timing, as `timeit` does: a collection pass
     over a large heap (a search holds thousands of candidate records) would land on whichever call is running, and
-    it costs a short pruned call relatively more than a long dense one."""
-    enabled = gc.isenabled()
+    it costs a short pruned call relatively more than a long dense one. Nested blocks collect once, at the outermost."""
+    if not gc.isenabled():  # already paused (an outer block, or the caller): nothing to collect or restore
+        yield
+        return
     gc.collect()
     gc.disable()
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        gc.enable()
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

@@ -98,3 +98,21 @@ def test_lean_and_graphed_prefills_refuse_what_they_cannot_do(dense_and_pruned):
         lean_inputs(dense, batches[0])
     with pytest.raises(SpeedError, match="needs the model on a CUDA device; it is on cpu"):
         GraphedPrefill(dense, unpadded(batches[0]))
+
+
+def test_gc_paused_pauses_collection_and_restores_it_once_at_the_outermost_block():
+    import gc
+
+    from efficientllava.speed import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner block leaves the outer pause alone
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with gc_paused():
+            raise RuntimeError("timing failed")
+    assert gc.isenabled()  # restored after an error too
