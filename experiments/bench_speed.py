@@ -8,9 +8,10 @@ Toy, on the device at hand: prefill (image + prompt, ~53 tokens of which 16 are 
 prompts at B = 1, 8, 64, and 16 greedy decode steps at B = 1, 8 (one prompt repeated: no padding). Plans: fixed
 structured / visual-token plans, shrunk for real with FLAP importance (64 toy val prompts) and bias compensation, and
 a searched pruned model (`--pruned-model`, e.g. a search's pruned_model/, loaded with its recorded sizes and token
-pruning). Columns: held-out accuracy (`--scoring`: option likelihood, as the search scores the shipped toy, or option
-letter) on the first `--n-test` records of the toy test split, parameters,
-prefill FLOPs of one B=8 batch, measured prefill speedup per B, measured decode speedup per B.
+pruning). glibc's heap is made steady first (`--steady-heap-mib`), as the search does, so a model times the same
+here as in the search that wrote it. Columns: held-out accuracy (`--scoring`: option likelihood, as the search scores
+the shipped toy, or option letter) on the first `--n-test` records of the toy test split, parameters, prefill FLOPs
+of one B=8 batch, measured prefill speedup per B, measured decode speedup per B.
 
 LLaVA-1.5-7B shape (CUDA only): LLaVA-1.5's published sizes (CLIP ViT-L/14-336, Vicuna-7B) with random weights in
 float16, 576 image tokens + 64 text tokens, B = 1 and 8; plans: half the MLP channels and half the heads of every
@@ -26,6 +27,7 @@ import copy
 import torch
 
 from efficientllava.evaluation import MODEL_INPUTS
+from efficientllava.host_memory import HostMemoryError, steady_heap
 from efficientllava.pruning.structured import compute_importance, decoder_geometry, record_structure, shrink_block
 from efficientllava.pruning.structured import shrink_model
 from efficientllava.speed import (SpeedError, decode_speedup, describe_device, graphed_prefill_speedup, parameter_count,
@@ -101,7 +103,8 @@ def bench_toy(args) -> None:
     dense_acc = evaluate(dense, processor, test, args.scoring)["acc"]
     header = ["plan", f"test acc ({args.scoring}, {len(test)})", "params", "prefill GFLOPs (B=8)",
               *[f"prefill x (B={b})" for b in prefill], *[f"decode x (B={b})" for b in decode]]
-    rows = [["dense", f"{dense_acc:.2f}", f"{parameter_count(dense):,}", f"{prefill_flops(dense, prefill[8]) / 1e9:.3f}",
+    rows = [["dense", f"{dense_acc:.2f}", f"{parameter_count(dense):,}",
+             f"{prefill_flops(dense, prefill[8]) / 1e9:.3f}",
              *["1.00"] * (len(prefill) + len(decode))]]
     for name, model in models.items():
         acc = evaluate(model, processor, test, args.scoring)["acc"]
@@ -229,7 +232,14 @@ def main() -> None:
                         help="big-model section on CUDA: skip the CUDA-graph prefill columns (eager only)")
     parser.add_argument("--scoring", choices=("likelihood", "letter"), default="likelihood",
                         help="multiple-choice scoring of the accuracy column")
+    parser.add_argument("--steady-heap-mib", type=int, default=32,
+                        help="glibc keeps blocks up to this size on its heap (efficientllava/host_memory.py); 0: "
+                             "leave the allocator alone")
     args = parser.parse_args()
+    try:
+        print(steady_heap(args.steady_heap_mib))
+    except HostMemoryError as error:
+        parser.error(f"--steady-heap-mib: {error}")
     if args.only in (None, "toy"):
         bench_toy(args)
     if args.only in (None, "7b"):

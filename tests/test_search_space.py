@@ -107,7 +107,7 @@ def compose_search(overrides):
 
 def test_the_default_search_has_structure_tokens_and_a_latency_budget():
     s = read_acceleration(compose_search([]).search)
-    assert s.structure and s.tokens and s.min_speedup == 1.8
+    assert s.structure and s.tokens and s.min_speedup == 1.5
     assert not read_acceleration(compose_search(["search=uniform"]).search).enabled
 
 

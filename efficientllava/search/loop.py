@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from efficientllava.data.collate import Collator
 from efficientllava.data.prompts import LETTER, OPEN, SHORT
 from efficientllava.data.schema import CHOICE, record_metric
+from efficientllava.host_memory import steady_heap
 from efficientllava.logging_setup import build_loggers
 from efficientllava.models import load_from_config
 from efficientllava.outputs import atomic_directory, write_json
@@ -92,6 +93,7 @@ class SearchRun:
     # 1. everything that can be wrong, before any work
     def prepare(self) -> None:
         s, cfg = self.settings, self.cfg
+        self.heap = steady_heap(s.steady_heap_mib)  # before anything is allocated: every timing in one regime
         self.model, self.processor = load_from_config(cfg.model)
         self.model_path = str(cfg.model.path)
         self.identity = ModelIdentity.of(self.model, self.model_path)
@@ -403,7 +405,7 @@ class SearchRun:
             "speedup": {"measured": measured["speedup"], "measured_how": measured["how"],
                         "measured_quartiles": measured.get("quartiles"),
                         "dense_seconds": measured["dense_seconds"], "pruned_seconds": measured["pruned_seconds"],
-                        "estimated": estimated, "estimated_how": ESTIMATE_HOW},
+                        "estimated": estimated, "estimated_how": ESTIMATE_HOW, "host_heap": self.heap},
             "search_seconds": self.search_seconds,
             "bank_seconds": self.bank_seconds,
             "candidates_evaluated": len(self.seen),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
+from efficientllava.host_memory import MAX_MMAP_THRESHOLD_MIB, HostMemoryError, check_threshold
 from efficientllava.policy import GRANULARITIES, BudgetError, choice_ratio, sorted_choices
 from efficientllava.search.evolution import EvolutionSettings
 
@@ -49,6 +50,7 @@ class SearchSettings:
     heldout_top: int
     eval_batch_size: int
     speed_repeats: int
+    steady_heap_mib: int | None
     storage: str | None
     shared: bool
     claim_timeout_s: float
@@ -85,6 +87,15 @@ def _int(cfg, key: str, default=None, minimum: int | None = None, where: str = "
     if minimum is not None and value < minimum:
         _fail(_name(where, key), value, f"an integer >= {minimum}")
     return value
+
+
+def _steady_heap(value):
+    try:
+        check_threshold(value)
+    except HostMemoryError:
+        _fail("steady_heap_mib", value, f"an integer from 1 to {MAX_MMAP_THRESHOLD_MIB} (MiB), or null/0 to leave the "
+              "allocator alone")
+    return value or None
 
 
 def _float(cfg, key: str, default=None, where: str = "search") -> float:
@@ -191,6 +202,7 @@ def read_settings(cfg) -> SearchSettings:
         heldout_top=_int(cfg, "heldout_top", 3, minimum=0, where=""),
         eval_batch_size=_int(cfg, "eval_batch_size", 64, minimum=1, where=""),
         speed_repeats=_int(cfg, "speed_repeats", 5, minimum=1, where=""),
+        steady_heap_mib=_steady_heap(cfg.get("steady_heap_mib", None)),
         storage=s.get("storage"), shared=bool(s.get("shared", False)),
         claim_timeout_s=_float(s, "claim_timeout_s", 600.0), init_policy=s.get("init_policy"),
         evolution=evolution, projector=projector, options=options,
