@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import efficientllava  # noqa: F401  (registers config resolvers)
 from efficientllava.evaluation import MultipleChoiceEvaluator
+from efficientllava.host_memory import HostMemoryError, steady_heap
 from efficientllava.logging_setup import build_loggers
 from efficientllava.models import load_from_config
 from efficientllava.outputs import atomic_directory, write_json
@@ -23,6 +24,10 @@ log = logging.getLogger("train")
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
+    try:  # before anything is allocated (efficientllava/host_memory.py); numerics are unchanged
+        heap = steady_heap(cfg.get("steady_heap_mib"))
+    except HostMemoryError as error:
+        raise HostMemoryError(f"steady_heap_mib: {error}") from None
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     if cfg.eval_only:
@@ -40,7 +45,8 @@ def main(cfg: DictConfig) -> dict:
     callbacks = [pl.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint_every_n_steps, save_last=True)]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, max_steps=total_steps)
 
-    summary: dict = {"model": str(cfg.model.path) if cfg.eval_only else "toy (trained here)", "seed": cfg.seed}
+    summary: dict = {"model": str(cfg.model.path) if cfg.eval_only else "toy (trained here)", "seed": cfg.seed,
+                     "host_heap": heap}
     if not cfg.eval_only:
         start = time.perf_counter()
         module = StagedToyTraining(model, processor, categories, stages, **OmegaConf.to_container(cfg.optim, resolve=True))

@@ -71,6 +71,7 @@ def test_train_then_evaluate_the_saved_checkpoint(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
     assert metrics["test"]["n"] == 48 and 0 <= metrics["test"]["acc"] <= 100
+    assert metrics["host_heap"].startswith(("steady heap", "allocator left alone (no glibc"))
     saved = tmp_path / "train" / "toy_llava"
     assert (saved / "model.safetensors").exists() and (saved / "chat_template.jinja").exists()
     out = run(["eval_only=true", f"model.path={saved}", *tiny, f"hydra.run.dir={tmp_path}/eval"], ROOT)
@@ -85,3 +86,11 @@ def test_eval_only_with_a_missing_checkpoint_fails_clearly(tmp_path):
     assert out.returncode != 0
     assert "does not exist; expected a local LLaVA checkpoint directory" in out.stderr
     assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_bad_heap_threshold_fails_before_training(tmp_path):
+    out = run(["steady_heap_mib=64", "logger=csv", f"hydra.run.dir={tmp_path}/train"], ROOT)
+    assert out.returncode != 0
+    assert "steady_heap_mib: steady heap threshold is 64 MiB; expected an integer from 1 to 32" in out.stderr
+    assert not (tmp_path / "train" / "checkpoints").exists()
