@@ -16,9 +16,14 @@ from efficientllava.search.settings import SettingsError, read_settings
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # In a child process (mallopt is process-wide): how many bytes glibc holds in mmapped blocks after allocating 8 MiB.
+# The module is loaded by its path, not through the package, so no earlier import (torch) has moved glibc's dynamic
+# threshold before the default case allocates.
 PROBE = """
-import ctypes, sys
-from efficientllava.host_memory import steady_heap
+import ctypes, importlib.util, sys
+spec = importlib.util.spec_from_file_location("host_memory", "efficientllava/host_memory.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+steady_heap = module.steady_heap
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                  "fsmblks", "uordblks", "fordblks", "keepcost")]
