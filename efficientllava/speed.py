@@ -211,6 +211,12 @@ def decode_seconds(model, batch: dict, steps: int) -> float:
 STATISTICS = {"median": median, "min": min}
 
 
+def _statistic(name: str) -> Callable[[list[float]], float]:
+    if name not in STATISTICS:
+        raise SpeedError(f"statistic is {name!r}; expected one of {list(STATISTICS)}")
+    return STATISTICS[name]
+
+
 def interleaved_times(runs: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
                       warmup: int = 1) -> dict[str, list[float]]:
     """Seconds of each callable over `repeats` rounds, one call of each per round (interleaved): {name: [seconds]}."""
@@ -232,10 +238,8 @@ def compare(runs: dict[str, Callable[[], object]], device: torch.device, repeats
 
     "median" is what is reported; "min" (noise on a shared machine only adds time) is what the latency table is
     calibrated with, like its own entries."""
-    if statistic not in STATISTICS:
-        raise SpeedError(f"statistic is {statistic!r}; expected one of {list(STATISTICS)}")
-    times = interleaved_times(runs, device, repeats, warmup)
-    return {name: STATISTICS[statistic](t) for name, t in times.items()}
+    reduce = _statistic(statistic)
+    return {name: reduce(t) for name, t in interleaved_times(runs, device, repeats, warmup).items()}
 
 
 def paired_quartiles(dense: list[float], pruned: list[float]) -> tuple[float, float]:
@@ -293,12 +297,11 @@ def scoring_speedup(dense, pruned, samples: SearchSamples, repeats: int = 5, war
     """Measured prefill speedup over the search samples' prompts (image + prompt: the scoring forward that pruning
     speeds up; option-likelihood continuations over the cache are a few tokens each and not timed), two models.
     `quartiles`: the spread of the per-round speedups (`paired_quartiles`)."""
-    if statistic not in STATISTICS:
-        raise SpeedError(f"statistic is {statistic!r}; expected one of {list(STATISTICS)}")
+    reduce = _statistic(statistic)
     device = model_device(dense)
     times = interleaved_times({"dense": lambda: _prefill_all(dense, samples),
                                "pruned": lambda: _prefill_all(pruned, samples)}, device, repeats, warmup)
-    med = {name: STATISTICS[statistic](t) for name, t in times.items()}
+    med = {name: reduce(t) for name, t in times.items()}
     q1, q3 = paired_quartiles(times["dense"], times["pruned"])
     return {
         "dense_seconds": med["dense"], "pruned_seconds": med["pruned"],
