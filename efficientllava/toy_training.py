@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from efficientllava.data.collate import IGNORE
 from efficientllava.data.prompts import LETTER
 from efficientllava.data.scenes import COLOURS, GRID, SHAPES
-from efficientllava.evaluation import letter_choices
+from efficientllava.evaluation import MODEL_INPUTS, letter_choices
 from efficientllava.models import image_features
 from efficientllava.training import LlavaTrainingModule, cosine_schedule, per_sample_loss
 
@@ -96,8 +97,32 @@ def symbolic_logits(model, scene: SceneEmbedding, batch: dict, classes: torch.Te
     return model.lm_head(hidden)
 
 
+def prompt_loss(logits: torch.Tensor, batch: dict, image_token_id: int) -> torch.Tensor:
+    """Per-sample next-token cross-entropy over the prompt's own text (not its image tokens, answer or padding),
+    standing in for the text pre-training a real LLaVA's language model had. A stage adds it to the answer loss
+    with weight `prompt_loss_weight` (0: off): it is what let the toy's language model bind an option's text to its
+    letter in `experiments/letter_binding.py` (README)."""
+    target = batch["input_ids"][:, 1:]
+    keep = (batch["attention_mask"][:, 1:] == 1) & (target != image_token_id) & (batch["labels"][:, 1:] == IGNORE)
+    token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+    ).view(target.shape)
+    return (token * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
+def _non_negative(value, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number >= 0:
+        raise ValueError(f"{what}={value!r}; expected a number >= 0")
+    return number
+
+
 def check_stages(stages: dict) -> dict[str, dict]:
-    """Stage settings in STAGES order: {name: {steps, lr, warmup_steps, formats}}; unknown names are errors."""
+    """Stage settings in STAGES order: {name: {steps, lr, warmup_steps, formats, prompt_loss_weight}}; unknown names
+    are errors."""
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown training stage(s) {unknown}; expected some of {list(STAGES)}")
@@ -121,6 +146,9 @@ def check_stages(stages: dict) -> dict[str, dict]:
             raise ValueError(f"stage {name!r}: its first formats must start at step 0 of the stage")
         out[name] = {"steps": int(stage["steps"]), "lr": float(stage["lr"]),
                      "warmup_steps": int(stage.get("warmup_steps", 0)), "formats": formats}
+        if name != "align":
+            out[name]["prompt_loss_weight"] = _non_negative(stage.get("prompt_loss_weight", 0.0),
+                                                            f"stage {name!r} has prompt_loss_weight")
         if name == "align":
             out[name]["object_weight"] = float(stage.get("object_weight", 4.0))
     if not any(s["steps"] for s in out.values()):
@@ -166,18 +194,25 @@ class StagedToyTraining(LlavaTrainingModule):
 
     def training_step(self, batch, batch_idx):
         stage = self.stage_at(self.global_step)
-        if stage == "scenes":
-            logits = symbolic_logits(self.model, self.scene, batch, cell_classes(batch["records"]))
-            loss = per_sample_loss(logits, batch["labels"]).mean()
-        elif stage == "align":
+        if stage == "align":
             classes = cell_classes(batch["records"]).to(self.device)
             with torch.no_grad():
                 target = self.scene(classes)
             features = image_features(self.model, batch["pixel_values"])
             loss = alignment_loss(features, target, classes=classes, object_weight=self.object_weight)
+            self.log("align/loss", loss, prog_bar=True)
+            return loss
+        if stage == "scenes":
+            logits = symbolic_logits(self.model, self.scene, batch, cell_classes(batch["records"]))
         else:
-            return super().training_step(batch, batch_idx)
-        self.log(f"{stage}/loss", loss, prog_bar=True)
+            logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+        loss = per_sample_loss(logits, batch["labels"]).mean()
+        self.log(f"{stage if stage == 'scenes' else 'train'}/loss", loss, prog_bar=True)
+        weight = self.stages[stage]["prompt_loss_weight"]
+        if weight:
+            extra = prompt_loss(logits, batch, self.model.config.image_token_id).mean()
+            self.log(f"{stage}/prompt_loss", extra)
+            loss = loss + weight * extra
         return loss
 
     def validation_step(self, records, batch_idx):

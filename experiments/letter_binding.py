@@ -7,6 +7,7 @@ its letter has to be found. One prompt layout per run:
 
     python experiments/letter_binding.py                                  # every layout, 2,500 steps each
     python experiments/letter_binding.py --layouts answer_last --steps 500
+    python experiments/letter_binding.py --layouts toy_prompt --lm-weight 1.0   # + next-token loss over the prompt
 
 Prints the letter accuracy on the first --n-val val records every --eval-every steps, one row per layout.
 """
@@ -72,18 +73,28 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 class LetterBinding(pl.LightningModule):
     """Cross-entropy of the letter token at the prompt's last position; validation: letter accuracy."""
 
-    def __init__(self, model, letter_ids: list[int], lr: float, warmup_steps: int):
+    def __init__(self, model, letter_ids: list[int], lr: float, warmup_steps: int, lm_weight: float = 0.0):
         super().__init__()
         self.model, self.letter_ids, self.lr, self.warmup_steps = model, letter_ids, lr, warmup_steps
+        self.lm_weight = lm_weight
         self.curve: list[tuple[int, float]] = []
         self._correct = self._seen = 0
 
-    def _last_logits(self, batch):
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    def _logits(self, batch):
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def _last_logits(self, batch, logits=None):
+        logits = self._logits(batch) if logits is None else logits
         return logits[torch.arange(len(logits), device=logits.device), batch["last"]]
 
     def training_step(self, batch, batch_idx):
-        loss = torch.nn.functional.cross_entropy(self._last_logits(batch).float(), batch["target"])
+        logits = self._logits(batch)
+        loss = torch.nn.functional.cross_entropy(self._last_logits(batch, logits).float(), batch["target"])
+        if self.lm_weight:
+            # next-token loss over the prompt itself, as a language model's pre-training would give it
+            targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+            lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
+            loss = loss + self.lm_weight * lm
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -107,7 +118,7 @@ class LetterBinding(pl.LightningModule):
 
 def run_layout(layout: str, train: list[dict], val: list[dict], arch: ToyArchitecture, steps: int,
                eval_every: int, batch_size: int = 32, lr: float = 1e-3, warmup_steps: int = 50, seed: int = 0,
-               progress: bool = True) -> dict:
+               progress: bool = True, lm_weight: float = 0.0) -> dict:
     """Train one freshly initialised language model on `layout`; returns its val-accuracy curve and prompt length."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is unknown; expected one of {list(LAYOUTS)}")
@@ -126,7 +137,7 @@ def run_layout(layout: str, train: list[dict], val: list[dict], arch: ToyArchite
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(text_config(arch, len(tokenizer)))  # the toy's decoder alone, freshly initialised
-    module = LetterBinding(model, letter_token_ids(tokenizer), lr, warmup_steps)
+    module = LetterBinding(model, letter_token_ids(tokenizer), lr, warmup_steps, lm_weight)
     trainer = pl.Trainer(max_steps=steps, val_check_interval=eval_every, check_val_every_n_epoch=None,
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=progress, accelerator="cpu",
@@ -151,6 +162,8 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: conf/train.yaml's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lm-weight", type=float, default=0.0,
+                        help="weight of a next-token loss over the whole prompt, beside the letter loss")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -163,11 +176,12 @@ def main():
         arch.layers = args.layers
     data = build_toy_benchmark(args.seed)
     train, val = text_records(data["train"]), text_records(data["val"])[: args.n_val]
-    rows = [run_layout(layout, train, val, arch, args.steps, args.eval_every, lr=args.lr, seed=args.seed)
+    rows = [run_layout(layout, train, val, arch, args.steps, args.eval_every, lr=args.lr, seed=args.seed,
+                       lm_weight=args.lm_weight)
             for layout in args.layouts]
     steps = [s for s, _ in rows[0]["curve"]]
     print(f"\nletter accuracy on {len(val)} val records (chance about 36%), {arch.layers}-layer language model, "
-          f"lr {args.lr}, seed {args.seed}")
+          f"lr {args.lr}, prompt loss weight {args.lm_weight}, seed {args.seed}")
     print("| layout | prompt tokens | " + " | ".join(f"step {s}" for s in steps) + " | train time (s) |")
     print("|---|---|" + "---|" * len(steps) + "---|")
     for row in rows:

@@ -47,6 +47,29 @@ def test_a_short_run_reports_its_val_curve(records):
     assert row["prompt_tokens"] > 5
 
 
+def test_the_prompt_loss_adds_the_next_token_loss_over_the_prompt(records):
+    """--lm-weight w: the training loss is the letter loss + w x the next-token loss over the whole prompt."""
+    import torch
+
+    tokenizer = build_tokenizer()
+    examples = letter_binding.encode(tokenizer, records[:6], "toy_prompt")
+    batch = letter_binding.collate(examples, tokenizer.pad_token_id)
+    arch = ToyArchitecture(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    from transformers import LlamaForCausalLM
+
+    from efficientllava.toy_model import text_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(text_config(arch, len(tokenizer)))
+    letter_ids = [tokenizer.convert_tokens_to_ids(c) for c in LETTERS]
+    plain = letter_binding.LetterBinding(model, letter_ids, 1e-3, 1).training_step(batch, 0)
+    weighted = letter_binding.LetterBinding(model, letter_ids, 1e-3, 1, lm_weight=0.5).training_step(batch, 0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lm = [torch.nn.functional.cross_entropy(logits[i, t - 1], batch["input_ids"][i, t])
+          for i in range(len(examples)) for t in range(1, int(batch["attention_mask"][i].sum()))]
+    assert float(weighted - plain) == pytest.approx(0.5 * float(torch.stack(lm).mean()), rel=1e-4)
+
+
 @pytest.mark.parametrize("layout, steps, message", [("answer_middle", 4, "answer_middle"), ("answer_last", 0, "steps")])
 def test_bad_arguments_are_named(records, layout, steps, message):
     with pytest.raises(ValueError, match=message):

@@ -12,6 +12,7 @@ from efficientllava.toy_training import (
     check_stages,
     format_curriculum,
     image_features,
+    prompt_loss,
     symbolic_logits,
 )
 
@@ -41,10 +42,44 @@ def test_cell_classes_reject_records_without_a_scene():
     ({"joint": {"steps": -1, "lr": 1e-3}}, "expected steps >= 0 and lr > 0"),
     ({"joint": {"steps": 5, "lr": 0}}, "expected steps >= 0 and lr > 0"),
     ({"scenes": {"steps": 0, "lr": 1e-3}}, "expected at least one step"),
+    ({"scenes": {"steps": 1, "lr": 1e-3, "prompt_loss_weight": -0.5}},
+     "prompt_loss_weight=-0.5; expected a number >= 0"),
+    ({"joint": {"steps": 1, "lr": 1e-3, "prompt_loss_weight": "lots"}}, "prompt_loss_weight='lots'; expected a number"),
 ])
 def test_bad_stages_fail_clearly(stages, message):
     with pytest.raises(ValueError, match=message):
         check_stages(stages)
+
+
+def test_prompt_loss_weight_defaults_to_zero_and_is_kept():
+    stages = check_stages({"scenes": {"steps": 1, "lr": 1e-3, "prompt_loss_weight": 0.5},
+                           "joint": {"steps": 1, "lr": 1e-3}})
+    assert stages["scenes"]["prompt_loss_weight"] == 0.5 and stages["joint"]["prompt_loss_weight"] == 0.0
+
+
+def test_prompt_loss_covers_the_prompt_text_only(test_records):
+    """The prompt loss is the next-token loss at exactly the prompt's text targets: not the image tokens, not the
+    answer (that is the answer loss), not the padding."""
+    from efficientllava.data.prompts import LETTER
+
+    model, processor = build_toy_llava(TINY, seed=0)
+    batch = Collator(processor).answers(test_records[:3], [LETTER, "short", LETTER])
+    image_id = model.config.image_token_id
+    torch.manual_seed(0)
+    logits = torch.randn(*batch["input_ids"].shape, model.config.text_config.vocab_size)
+    per_sample = prompt_loss(logits, batch, image_id)
+    for i in range(3):
+        ids, mask, labels = batch["input_ids"][i], batch["attention_mask"][i], batch["labels"][i]
+        targets = [t for t in range(1, len(ids))
+                   if mask[t] == 1 and ids[t] != image_id and labels[t] == -100]
+        assert targets and targets[-1] < int((labels != -100).nonzero()[0])  # stops before the answer
+        expected = torch.stack([torch.nn.functional.cross_entropy(logits[i, t - 1], ids[t]) for t in targets]).mean()
+        assert per_sample[i] == pytest.approx(float(expected), rel=1e-5)
+    # the answer's logits do not enter it
+    moved = logits.clone()
+    answer_at = (batch["labels"] != -100).nonzero()
+    moved[answer_at[:, 0], answer_at[:, 1] - 1] += 5.0
+    assert torch.allclose(prompt_loss(moved, batch, image_id), per_sample)
 
 
 def test_format_curriculum_follows_the_stages():
