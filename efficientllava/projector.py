@@ -5,6 +5,9 @@ the search space rises; over all policies that is out of reach, so it is approxi
 
     loss(projector) = 1/k * sum_{p in top-k} LM answer loss of the model pruned by p, on the N search samples.
 
+`search.projector.loss=distill` replaces the answer loss by KL(dense model || pruned model) at the answer
+positions, with the dense model's distributions taken once before the first round (`with_teacher`).
+
 `ProjectorTuner` is a LightningModule with manual optimization: in each step it assembles every top-k policy from
 the bank in turn (no pruning call) and runs forward + backward of its share of the loss down to the projector's
 output (held as a detached leaf, so one policy's activations live at a time); then one backward through the
@@ -68,14 +71,51 @@ def load_projector(path: str | Path, model) -> None:
     load_projector_state(model, load_file(str(path)))
 
 
-def answer_loss(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-    """The causal-LM loss on the labelled (answer) tokens, equal to `model(**inputs, labels=labels).loss`, with the
-    LM head applied at those positions only (not at the ~600 prompt positions of a LLaVA-1.5 sample)."""
+LOSSES = ("answer", "distill")
+
+
+def answer_logits(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict the labelled (answer) tokens and those tokens: the LM head applied at those
+    positions only (not at the ~600 prompt positions of a LLaVA-1.5 sample)."""
     hidden = model.model(**inputs).last_hidden_state[:, :-1]
     targets = labels[:, 1:].to(hidden.device)
     keep = targets != IGNORE
-    logits = model.lm_head(hidden[keep]).float()
-    return torch.nn.functional.cross_entropy(logits, targets[keep])
+    return model.lm_head(hidden[keep]).float(), targets[keep]
+
+
+def answer_loss(model, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """The causal-LM loss on the labelled (answer) tokens, equal to `model(**inputs, labels=labels).loss`."""
+    logits, targets = answer_logits(model, inputs, labels)
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def with_teacher(model, batches: list[dict]) -> list[dict]:
+    """Copies of `batches` carrying `teacher`: the model's log-probabilities at their answer positions, taken now
+    (from the dense model with its original projector, before any round) for the `distill` loss."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for batch in batches:
+            logits, _ = answer_logits(model, {k: batch[k].to(device) for k in MODEL_INPUTS}, batch["labels"])
+            out.append({**batch, "teacher": torch.log_softmax(logits, -1).cpu()})
+        return out
+    finally:
+        model.train(was_training)
+
+
+def round_loss(model, inputs: dict, batch: dict) -> torch.Tensor:
+    """A projector round's loss on one batch: with `teacher` in the batch, KL(dense teacher || pruned model) over
+    the vocabulary at the answer positions (the pruned model is pulled back to the dense one's answers, whatever
+    the gold labels); otherwise the answer loss on the gold labels (the paper's)."""
+    if "teacher" not in batch:
+        return answer_loss(model, inputs, batch["labels"])
+    logits, _ = answer_logits(model, inputs, batch["labels"])
+    teacher = batch["teacher"].to(logits.device)
+    return torch.nn.functional.kl_div(torch.log_softmax(logits, -1), teacher, log_target=True,
+                                      reduction="batchmean")
 
 
 @torch.no_grad()
@@ -110,7 +150,7 @@ class _Batches(Dataset):
 
 
 class ProjectorTuner(pl.LightningModule):
-    """Trains the projector on the answer loss averaged over `policies` assembled from `bank`."""
+    """Trains the projector on the round loss (`round_loss`) averaged over `policies` assembled from `bank`."""
 
     def __init__(self, model, bank, policies: list[dict], batches: list[dict], lr: float = 1e-3,
                  weight_decay: float = 0.0):
@@ -170,7 +210,7 @@ class ProjectorTuner(pl.LightningModule):
             with torch.enable_grad():
                 for policy in self.policies:
                     self.bank.assemble(self.model, policy)
-                    loss = answer_loss(self.model, inputs, batch["labels"]) / len(self.policies)
+                    loss = round_loss(self.model, inputs, batch) / len(self.policies)
                     loss.backward()  # reaches only the leaf: everything before the projector's output is frozen
                     total += float(loss.detach())
         finally:

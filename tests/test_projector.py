@@ -9,8 +9,10 @@ from efficientllava.projector import (
     check_loss,
     load_projector,
     projector_module,
+    round_loss,
     save_projector,
     train_projector,
+    with_teacher,
 )
 from efficientllava.pruning import PruningBank, select_layers
 from efficientllava.pruning.toy_calibration import toy_model_and_batches, toy_records
@@ -90,3 +92,37 @@ def test_check_loss_is_the_answer_loss_averaged_over_policies_and_trains_nothing
     assert check_loss(model, bank, policies, batches) == pytest.approx(sum(expected) / len(expected), rel=1e-6)
     assert expected[0] != expected[1]  # the policies differ, so the average means something
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # dense again, nothing trained
+
+
+def _inputs(batch):
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def test_distill_pulls_the_pruned_model_to_the_dense_ones_answers(setup):
+    """The distill loss is KL(dense || pruned) at the answer positions: 0 for the dense model itself, the KL
+    computed by hand for a pruned one, and a round on it lowers it; the gold labels play no part."""
+    model, bank, policies, batches = setup
+    taught = with_teacher(model, batches)
+    assert set(taught[0]) == set(batches[0]) | {"teacher"} and "teacher" not in batches[0]
+    n_answer = int((batches[0]["labels"][:, 1:] != -100).sum())
+    assert taught[0]["teacher"].shape == (n_answer, model.config.text_config.vocab_size)
+    with torch.no_grad():
+        assert float(round_loss(model, _inputs(batches[0]), taught[0])) == pytest.approx(0.0, abs=1e-6)
+        bank.assemble(model, policies[1])
+        logits = model(**_inputs(batches[0])).logits[:, :-1][batches[0]["labels"][:, 1:] != -100].float()
+        student = torch.log_softmax(logits, -1)
+        teacher = taught[0]["teacher"]
+        by_hand = float((teacher.exp() * (teacher - student)).sum(-1).mean())
+        assert float(round_loss(model, _inputs(batches[0]), taught[0])) == pytest.approx(by_hand, rel=1e-4)
+        assert by_hand > 1e-3
+        # other gold labels at the same positions: the same distill loss
+        relabelled = {**taught[0], "labels": taught[0]["labels"].where(taught[0]["labels"] == -100,
+                                                                      torch.zeros_like(taught[0]["labels"]))}
+        assert float(round_loss(model, _inputs(batches[0]), relabelled)) == pytest.approx(by_hand, rel=1e-4)
+    bank.restore(model)
+    state = {k: v.clone() for k, v in projector_module(model).state_dict().items()}
+    try:
+        losses = train_projector(model, bank, policies, taught, steps=3, lr=1e-2)
+        assert len(losses) == 3 and losses[-1] < losses[0]
+    finally:
+        projector_module(model).load_state_dict(state)

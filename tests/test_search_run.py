@@ -89,6 +89,8 @@ def no_work(monkeypatch):
     (["bank.layers.components=[projector,language_model]"], SettingsError, "selects projector layer"),
     (["search.projector.holdout=1.0"], SettingsError, r"holdout is 1.0; expected a share in \[0, 1\)"),
     (["search.projector.holdout=0.01"], SettingsError, "0 of the 8 search samples"),
+    (["search.projector.loss=mse"], SettingsError, r"search.projector.loss is 'mse'; expected one of \['answer', "
+                                                   r"'distill'\]"),
 ])
 def test_bad_inputs_raise_before_work(tiny, tmp_path, no_work, overrides, error, match):
     with pytest.raises(error, match=match):
@@ -184,6 +186,40 @@ def test_a_projector_round_is_kept_only_if_the_held_back_loss_does_not_rise(tiny
     saved = load_file(str(tmp_path / "projector" / "round_1.safetensors"))
     unchanged = all(torch.equal(saved[k], v) for k, v in original.items())
     assert unchanged is not accepted  # rejected: the previous projector stayed; kept: the trained one
+
+
+@pytest.mark.parametrize("loss", ["answer", "distill"])
+def test_the_rounds_train_on_the_chosen_loss(tiny, tmp_path, monkeypatch, loss):
+    """distill: the rounds' batches carry the dense model's answer distributions, taken before any round (equal to
+    with_teacher on the freshly loaded model); answer: the gold-label batches alone."""
+    from efficientllava.projector import with_teacher
+
+    given = []
+    real = loop.train_projector
+
+    def spy(model, bank, policies, batches, *args, **kwargs):
+        given.append(batches)
+        return real(model, bank, policies, batches, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_projector", spy)
+    run = loop.SearchRun(compose_search(tiny + [f"search.projector.loss={loss}", "search.projector.lr=0.1",
+                                                "save_pruned_model=false"]), tmp_path)
+    run.prepare()
+    run.reference()
+    run.run_strategy()
+    summary = run.finish()
+    assert given and summary["projector_rounds"]
+    if loss == "answer":
+        assert all("teacher" not in b for batches in given for b in batches)
+        return
+    from transformers import LlavaForConditionalGeneration
+
+    dense = LlavaForConditionalGeneration.from_pretrained(run.model_path)
+    expected = with_teacher(dense, run.loss_batches)
+    for batches in given:  # the same teacher in every round, though the projector has moved
+        assert len(batches) == len(expected)
+        for got, want in zip(batches, expected):
+            assert torch.allclose(got["teacher"], want["teacher"], atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "owl", "ecoflap", "random"])

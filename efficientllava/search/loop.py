@@ -28,7 +28,7 @@ from efficientllava.models import load_from_config
 from efficientllava.outputs import atomic_directory, write_json
 from efficientllava.policy import ModelIdentity, Policy, PolicyMismatchError, SearchSpace
 from efficientllava.projector import (check_loss, load_projector, load_projector_state, projector_state,
-                                      save_projector, train_projector)
+                                      save_projector, train_projector, with_teacher)
 from efficientllava.pruning import PruningBank, get_linear, prune_model, pruner_options, select_from_config, sparsity
 from efficientllava.search import baselines
 from efficientllava.search.acceleration import Acceleration, budget_summary
@@ -166,6 +166,10 @@ class SearchRun:
         self.loss_batches = answer_batches(self.search_records[:fit], self.processor, s.projector.batch_size, scoring)
         self.check_batches = (answer_batches(self.search_records[fit:], self.processor, s.projector.batch_size, scoring)
                               if self.n_check else [])
+        # what the rounds train on: the gold answers, or the dense model's own answer distributions (taken here,
+        # before any round changes the projector)
+        self.round_batches = (with_teacher(model, self.loss_batches)
+                              if s.projector.enabled and s.projector.loss == "distill" else self.loss_batches)
         self.dense_search = accuracy_by_category(model, self.samples)
         self.dense_heldout = accuracy_by_category(model, self.heldout)
         self.dense_seconds = forward_seconds(model, self.samples, repeats=3)
@@ -281,7 +285,7 @@ class SearchRun:
             if self.check_batches:  # the round is kept only if the held-back samples' loss does not rise
                 previous = {k: v.detach().clone() for k, v in projector_state(self.model).items()}
                 check["check_loss_before"] = check_loss(self.model, bank, policies, self.check_batches)
-            losses = train_projector(self.model, bank, policies, self.loss_batches, p.steps, p.lr, p.weight_decay)
+            losses = train_projector(self.model, bank, policies, self.round_batches, p.steps, p.lr, p.weight_decay)
             if self.check_batches:
                 check["check_loss_after"] = check_loss(self.model, bank, policies, self.check_batches)
                 check["accepted"] = check["check_loss_after"] <= check["check_loss_before"]

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from efficientllava.host_memory import MAX_MMAP_THRESHOLD_MIB, HostMemoryError, check_threshold
 from efficientllava.policy import GRANULARITIES, BudgetError, choice_ratio, sorted_choices
+from efficientllava.projector import LOSSES
 from efficientllava.search.evolution import EvolutionSettings
 
 STRATEGIES = ("evolution", "uniform", "owl", "ecoflap", "random")
@@ -28,10 +29,11 @@ class ProjectorSettings:
     every: int = 4  # R: a round before every R-th generation
     top_k: int = 3
     steps: int = 10
-    lr: float = 1e-3
+    lr: float = 1e-4
     weight_decay: float = 0.0
     batch_size: int = 64
     holdout: float = 0.0  # share of the N samples kept out of the loss to accept or reject each round
+    loss: str = "answer"  # answer (gold labels, the paper's) or distill (KL to the dense model's answers)
 
 
 @dataclass
@@ -169,11 +171,14 @@ def read_settings(cfg) -> SearchSettings:
         every=_int(p, "every", 4, minimum=1, where="search.projector"),
         top_k=_int(p, "top_k", 3, minimum=1, where="search.projector"),
         steps=_int(p, "steps", 10, minimum=0, where="search.projector"),
-        lr=_float(p, "lr", 1e-3, where="search.projector"),
+        lr=_float(p, "lr", 1e-4, where="search.projector"),
         weight_decay=_float(p, "weight_decay", 0.0, where="search.projector"),
         batch_size=_int(p, "batch_size", 64, minimum=1, where="search.projector"),
         holdout=_float(p, "holdout", 0.0, where="search.projector"),
+        loss=str(p.get("loss", "answer")),
     )
+    if projector.loss not in LOSSES:
+        _fail("search.projector.loss", projector.loss, f"one of {list(LOSSES)}")
     if not 0.0 <= projector.holdout < 1.0:
         _fail("search.projector.holdout", projector.holdout, "a share in [0, 1) of the N search samples")
     if projector.enabled and projector.top_k > evolution.population:
