@@ -146,11 +146,11 @@ def check_stages(stages: dict) -> dict[str, dict]:
             raise ValueError(f"stage {name!r}: its first formats must start at step 0 of the stage")
         out[name] = {"steps": int(stage["steps"]), "lr": float(stage["lr"]),
                      "warmup_steps": int(stage.get("warmup_steps", 0)), "formats": formats}
-        if name != "align":
-            out[name]["prompt_loss_weight"] = _non_negative(stage.get("prompt_loss_weight", 0.0),
-                                                            f"stage {name!r} has prompt_loss_weight")
         if name == "align":
             out[name]["object_weight"] = float(stage.get("object_weight", 4.0))
+        else:
+            out[name]["prompt_loss_weight"] = _non_negative(stage.get("prompt_loss_weight", 0.0),
+                                                            f"stage {name!r} has prompt_loss_weight")
     if not any(s["steps"] for s in out.values()):
         raise ValueError("every training stage has 0 steps; expected at least one step")
     return out
