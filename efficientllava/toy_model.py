@@ -26,6 +26,7 @@ class ToyArchitecture:
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 352
+    image_layout: str = "after_text"  # where the chat template puts the image: IMAGE_LAYOUTS
 
 
 def toy_corpus() -> list[str]:
@@ -68,18 +69,31 @@ def build_tokenizer():
     )
 
 
-# The toy's chat template puts the image after the user's text, one of the two layouts of LLaVA's instruction data:
-# image tokens can then attend to the question, which a model this small needs to learn the tasks in minutes.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %} <image>{% endif %}{% endfor %}"
+# Where the toy's chat template puts the image. `after_text` (the shipped toy's): image tokens can attend to the
+# question, which let the toy learn from pixels in minutes before training was staged; the lettered options then
+# cannot see the image. `before_text`: LLaVA-1.5's own layout (USER: <image>\n...), where every option token sees the
+# image and can judge itself, which the option-flag target (toy_training.option_flag_loss) needs.
+_USER_TEXT = "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+_USER_IMAGE = "{% for c in message['content'] %}{% if c['type'] == 'image' %} <image>{% endif %}{% endfor %}"
+_TURNS = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER:{user}"
     "{% else %} ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
 )
+IMAGE_LAYOUTS = {
+    "after_text": _TURNS.replace("{user}", " " + _USER_TEXT + _USER_IMAGE),
+    "before_text": _TURNS.replace("{user}", _USER_IMAGE + " " + _USER_TEXT),
+}
+CHAT_TEMPLATE = IMAGE_LAYOUTS["after_text"]
 
 
-def build_processor():
+def chat_template(image_layout: str) -> str:
+    if image_layout not in IMAGE_LAYOUTS:
+        raise ValueError(f"image_layout={image_layout!r} is unknown; expected one of {list(IMAGE_LAYOUTS)}")
+    return IMAGE_LAYOUTS[image_layout]
+
+
+def build_processor(image_layout: str = "after_text"):
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -95,7 +109,7 @@ def build_processor():
         patch_size=CELL,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template(image_layout),
     )
 
 
@@ -123,7 +137,7 @@ def build_toy_llava(arch: ToyArchitecture | None = None, seed: int = 0):
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     arch = arch or ToyArchitecture()
-    processor = build_processor()
+    processor = build_processor(arch.image_layout)
     vision = CLIPVisionConfig(
         hidden_size=arch.vision_hidden,
         intermediate_size=arch.vision_intermediate,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from efficientllava.data.collate import IGNORE
-from efficientllava.data.prompts import LETTER
+from efficientllava.data.prompts import INSTRUCTIONS, LETTER, LETTERS
 from efficientllava.data.scenes import COLOURS, GRID, SHAPES
 from efficientllava.evaluation import MODEL_INPUTS, letter_choices
 from efficientllava.models import image_features
@@ -81,8 +81,9 @@ def alignment_loss(features: torch.Tensor, target: torch.Tensor, classes: torch.
     return (error * weight).sum() / weight.sum()
 
 
-def symbolic_logits(model, scene: SceneEmbedding, batch: dict, classes: torch.Tensor) -> torch.Tensor:
-    """The LLaVA's logits with the scene embedding in place of the projected image features."""
+def symbolic_logits(model, scene: SceneEmbedding, batch: dict, classes: torch.Tensor, output_hidden_states=False):
+    """The LLaVA's logits with the scene embedding in place of the projected image features (and the language
+    model's hidden states, embeddings first, with `output_hidden_states`)."""
     input_ids = batch["input_ids"]
     embeds = model.get_input_embeddings()(input_ids)
     image = input_ids == model.config.image_token_id
@@ -93,8 +94,10 @@ def symbolic_logits(model, scene: SceneEmbedding, batch: dict, classes: torch.Te
             f"({cells.shape[0]} records)"
         )
     embeds = embeds.masked_scatter(image.unsqueeze(-1).expand_as(embeds), cells.reshape(-1, cells.shape[-1]))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
-    return model.lm_head(hidden)
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                     output_hidden_states=output_hidden_states)
+    logits = model.lm_head(out.last_hidden_state)
+    return (logits, out.hidden_states) if output_hidden_states else logits
 
 
 def prompt_loss(logits: torch.Tensor, batch: dict, image_token_id: int) -> torch.Tensor:
@@ -110,6 +113,43 @@ def prompt_loss(logits: torch.Tensor, batch: dict, image_token_id: int) -> torch
     return (token * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
+def option_ends(input_ids: torch.Tensor, tokenizer) -> list[tuple[int, int, int]]:
+    """(row, position, option index) of the last token of every lettered option ("B. red circle" → 'circle') in a
+    batch of toy prompts; prompts without options (the short format) contribute none. Options are the `X .` runs
+    before the letter format's instruction ("Answer with the option's letter ...")."""
+    ids = tokenizer.convert_tokens_to_ids
+    letters = {ids(letter): i for i, letter in enumerate(LETTERS)}
+    dot, instruction = ids("."), ids(INSTRUCTIONS[LETTER].split()[:2])
+    ends = []
+    for row, seq in enumerate(input_ids.tolist()):
+        stop = next((j for j in range(len(seq) - 1) if seq[j:j + 2] == instruction), None)
+        if stop is None:
+            continue
+        starts = [j for j in range(stop - 1) if seq[j] in letters and seq[j + 1] == dot]
+        for start, end in zip(starts, [s - 1 for s in starts[1:]] + [stop - 1]):
+            ends.append((row, end, letters[seq[start]]))
+    return ends
+
+
+def option_flag_loss(model, hidden: torch.Tensor, batch: dict, records: list[dict], tokenizer) -> torch.Tensor:
+    """A training device for the lettered format: at the last token of each option, the language model's hidden
+    state after a chosen layer (`hidden`, (batch, tokens, width)), read out through its final norm and LM head over
+    the words 'no' and 'yes' (a logit lens), should say whether that option is the record's answer.
+    Cross-entropy over all options of the batch; 0 when no prompt has options.
+
+    Trained on the letter alone, the toy's language model never finds which option it computed (the letter format
+    stays at chance); with each option judging itself first, the answer position only has to find the option that
+    said 'yes' and copy its letter (README, "The toy LLaVA")."""
+    ends = option_ends(batch["input_ids"], tokenizer)
+    if not ends:
+        return hidden.new_zeros(())
+    rows, cols, options = (torch.tensor(v, device=hidden.device) for v in zip(*ends))
+    answers = torch.tensor([records[r]["answer"] for r in rows.tolist()], device=hidden.device)
+    words = tokenizer.convert_tokens_to_ids(["no", "yes"])
+    lens = model.lm_head(model.model.language_model.norm(hidden[rows, cols]))[:, words]
+    return torch.nn.functional.cross_entropy(lens.float(), (options == answers).long())
+
+
 def _non_negative(value, what: str) -> float:
     try:
         number = float(value)
@@ -121,8 +161,8 @@ def _non_negative(value, what: str) -> float:
 
 
 def check_stages(stages: dict) -> dict[str, dict]:
-    """Stage settings in STAGES order: {name: {steps, lr, warmup_steps, formats, prompt_loss_weight}}; unknown names
-    are errors."""
+    """Stage settings in STAGES order: {name: {steps, lr, warmup_steps, formats, and object_weight (align) or
+    prompt_loss_weight, option_flag_weight, option_flag_layer (scenes, joint)}}; unknown names are errors."""
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown training stage(s) {unknown}; expected some of {list(STAGES)}")
@@ -151,6 +191,13 @@ def check_stages(stages: dict) -> dict[str, dict]:
         else:
             out[name]["prompt_loss_weight"] = _non_negative(stage.get("prompt_loss_weight", 0.0),
                                                             f"stage {name!r} has prompt_loss_weight")
+            out[name]["option_flag_weight"] = _non_negative(stage.get("option_flag_weight", 0.0),
+                                                            f"stage {name!r} has option_flag_weight")
+            layer = stage.get("option_flag_layer", 2)
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+                raise ValueError(f"stage {name!r} has option_flag_layer={layer!r}; expected a decoder layer number "
+                                 ">= 1 (the flag is read after that layer)")
+            out[name]["option_flag_layer"] = layer
     if not any(s["steps"] for s in out.values()):
         raise ValueError("every training stage has 0 steps; expected at least one step")
     return out
@@ -177,6 +224,11 @@ class StagedToyTraining(LlavaTrainingModule):
 
     def __init__(self, model, processor, categories, stages: dict, grad_clip=1.0, betas=(0.9, 0.999), weight_decay=0.0):
         stages = check_stages(stages)
+        layers = model.config.text_config.num_hidden_layers
+        for name, stage in stages.items():
+            if stage.get("option_flag_weight") and stage["option_flag_layer"] > layers:
+                raise ValueError(f"stage {name!r} has option_flag_layer={stage['option_flag_layer']}; the language "
+                                 f"model has {layers} layers")
         super().__init__(model, processor, categories, lr=1.0, weight_decay=weight_decay, grad_clip=grad_clip,
                          betas=betas)
         self.stages, self.starts = stages, stage_starts(stages)
@@ -202,10 +254,13 @@ class StagedToyTraining(LlavaTrainingModule):
             loss = alignment_loss(features, target, classes=classes, object_weight=self.object_weight)
             self.log("align/loss", loss, prog_bar=True)
             return loss
+        flag = self.stages[stage]["option_flag_weight"]
         if stage == "scenes":
-            logits = symbolic_logits(self.model, self.scene, batch, cell_classes(batch["records"]))
+            out = symbolic_logits(self.model, self.scene, batch, cell_classes(batch["records"]), bool(flag))
+            logits, hidden = out if flag else (out, None)
         else:
-            logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+            out = self.model(**{k: batch[k] for k in MODEL_INPUTS}, output_hidden_states=bool(flag))
+            logits, hidden = out.logits, out.hidden_states
         loss = per_sample_loss(logits, batch["labels"]).mean()
         self.log(f"{stage if stage == 'scenes' else 'train'}/loss", loss, prog_bar=True)
         weight = self.stages[stage]["prompt_loss_weight"]
@@ -213,6 +268,11 @@ class StagedToyTraining(LlavaTrainingModule):
             extra = prompt_loss(logits, batch, self.model.config.image_token_id).mean()
             self.log(f"{stage}/prompt_loss", extra)
             loss = loss + weight * extra
+        if flag:
+            extra = option_flag_loss(self.model, hidden[self.stages[stage]["option_flag_layer"]], batch,
+                                     batch["records"], self.collator.tokenizer)
+            self.log(f"{stage}/option_flag_loss", extra)
+            loss = loss + flag * extra
         return loss
 
     def validation_step(self, records, batch_idx):

@@ -12,6 +12,8 @@ from efficientllava.toy_training import (
     check_stages,
     format_curriculum,
     image_features,
+    option_ends,
+    option_flag_loss,
     prompt_loss,
     symbolic_logits,
 )
@@ -45,6 +47,9 @@ def test_cell_classes_reject_records_without_a_scene():
     ({"scenes": {"steps": 1, "lr": 1e-3, "prompt_loss_weight": -0.5}},
      "prompt_loss_weight=-0.5; expected a number >= 0"),
     ({"joint": {"steps": 1, "lr": 1e-3, "prompt_loss_weight": "lots"}}, "prompt_loss_weight='lots'; expected a number"),
+    ({"scenes": {"steps": 1, "lr": 1e-3, "option_flag_weight": -1}}, "option_flag_weight=-1; expected a number >= 0"),
+    ({"joint": {"steps": 1, "lr": 1e-3, "option_flag_layer": 0}}, "option_flag_layer=0; expected a decoder layer"),
+    ({"joint": {"steps": 1, "lr": 1e-3, "option_flag_layer": 1.5}}, "option_flag_layer=1.5; expected a decoder"),
 ])
 def test_bad_stages_fail_clearly(stages, message):
     with pytest.raises(ValueError, match=message):
@@ -80,6 +85,90 @@ def test_prompt_loss_covers_the_prompt_text_only(test_records):
     answer_at = (batch["labels"] != -100).nonzero()
     moved[answer_at[:, 0], answer_at[:, 1] - 1] += 5.0
     assert torch.allclose(prompt_loss(moved, batch, image_id), per_sample)
+
+
+def test_option_ends_are_the_last_word_of_each_lettered_option(test_records):
+    from efficientllava.data.prompts import LETTER
+
+    _, processor = build_toy_llava(TINY, seed=0)
+    records = test_records[:6]
+    formats = [LETTER, "short", LETTER, LETTER, "short", LETTER]
+    batch = Collator(processor).answers(records, formats)
+    ends = option_ends(batch["input_ids"], processor.tokenizer)
+    tokens = [processor.tokenizer.convert_ids_to_tokens(row) for row in batch["input_ids"].tolist()]
+    expected = [(i, k) for i, f in enumerate(formats) if f == LETTER for k in range(len(records[i]["choices"]))]
+    assert [(row, k) for row, _, k in ends] == expected
+    for row, position, k in ends:
+        words = records[row]["choices"][k].split()
+        assert tokens[row][position - len(words) + 1: position + 1] == words
+        assert tokens[row][position - len(words) - 1: position - len(words) + 1] == ["ABCDE"[k], "."]
+
+
+def test_option_flag_loss_says_yes_at_the_answer_only(test_records):
+    """The flag loss is the yes/no cross-entropy of the logit lens at each option's last token, 'yes' exactly at
+    the record's answer; 0 for a batch of short-answer prompts."""
+    from efficientllava.data.prompts import LETTER
+
+    model, processor = build_toy_llava(TINY, seed=0)
+    records = test_records[:4]
+    batch = Collator(processor).answers(records, [LETTER] * 4)
+    torch.manual_seed(0)
+    hidden = torch.randn(*batch["input_ids"].shape, 32)
+    loss = option_flag_loss(model, hidden, batch, records, processor.tokenizer)
+    no, yes = processor.tokenizer.convert_tokens_to_ids(["no", "yes"])
+    terms = []
+    for row, position, k in option_ends(batch["input_ids"], processor.tokenizer):
+        lens = model.lm_head(model.model.language_model.norm(hidden[row, position]))
+        target = yes if k == records[row]["answer"] else no
+        terms.append(-torch.log_softmax(lens[[no, yes]], -1)[[no, yes].index(target)])
+    assert sum(k == records[row]["answer"] for row, _, k in option_ends(batch["input_ids"], processor.tokenizer)) == 4
+    assert float(loss) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+    short = Collator(processor).answers(records, ["short"] * 4)
+    assert float(option_flag_loss(model, hidden, short, records, processor.tokenizer)) == 0.0
+
+
+@pytest.mark.parametrize("stage", ["scenes", "joint"])
+def test_option_flag_weight_adds_the_flag_loss_in_scenes_and_joint(test_records, stage):
+    from efficientllava.data.prompts import LETTER
+
+    model, processor = build_toy_llava(TINY, seed=0)
+    records = test_records[:4]
+    batch = {**Collator(processor).answers(records, [LETTER, "short", LETTER, LETTER]), "records": records}
+    losses = {}
+    for weight in (0.0, 2.0):
+        stages = {name: {**cfg, "option_flag_weight": weight, "option_flag_layer": 1} for name, cfg in STAGES.items()
+                  if name != "align"}
+        torch.manual_seed(0)  # the same scene embedding both times
+        module = StagedToyTraining(model, processor, ["colour"], stages)
+        module.stage_at = lambda step: stage
+        losses[weight] = module.training_step(batch, 0)
+    if stage == "scenes":
+        _, hidden = symbolic_logits(model, module.scene, batch, cell_classes(records), output_hidden_states=True)
+    else:
+        hidden = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")},
+                       output_hidden_states=True).hidden_states
+    flag = option_flag_loss(model, hidden[1], batch, records, processor.tokenizer)
+    assert float(flag) > 0
+    assert float(losses[2.0]) == pytest.approx(float(losses[0.0]) + 2.0 * float(flag), rel=1e-5)
+
+
+def test_option_flag_layer_beyond_the_model_fails_clearly():
+    model, processor = build_toy_llava(TINY, seed=0)
+    stages = {"scenes": {"steps": 1, "lr": 1e-3, "option_flag_weight": 1.0, "option_flag_layer": 3}}
+    with pytest.raises(ValueError, match="option_flag_layer=3; the language model has 2 layers"):
+        StagedToyTraining(model, processor, ["colour"], stages)
+
+
+def test_image_layout_puts_the_image_before_or_after_the_text(test_records):
+    before = build_toy_llava(ToyArchitecture(**{**TINY.__dict__, "image_layout": "before_text"}), seed=0)[1]
+    after = build_toy_llava(TINY, seed=0)[1]
+    for processor, image_first in ((before, True), (after, False)):
+        ids = Collator(processor).prompts(test_records[:1], ["short"])["input_ids"][0].tolist()
+        tokens = processor.tokenizer.convert_ids_to_tokens(ids)
+        image, question = tokens.index("<image>"), tokens.index(test_records[0]["question"].split()[0])
+        assert (image < question) == image_first and tokens[-2:] == ["ASSISTANT", ":"]
+    with pytest.raises(ValueError, match="image_layout='top'.*expected one of \\['after_text', 'before_text'\\]"):
+        build_toy_llava(ToyArchitecture(image_layout="top"))
 
 
 def test_format_curriculum_follows_the_stages():
