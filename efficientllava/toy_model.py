@@ -84,7 +84,6 @@ IMAGE_LAYOUTS = {
     "after_text": _TURNS.replace("{user}", " " + _USER_TEXT + _USER_IMAGE),
     "before_text": _TURNS.replace("{user}", _USER_IMAGE + " " + _USER_TEXT),
 }
-CHAT_TEMPLATE = IMAGE_LAYOUTS["after_text"]
 
 
 def chat_template(image_layout: str) -> str:
