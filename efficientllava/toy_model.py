@@ -26,7 +26,7 @@ class ToyArchitecture:
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 352
-    image_layout: str = "after_text"  # where the chat template puts the image: IMAGE_LAYOUTS
+    image_layout: str = "before_text"  # where the chat template puts the image: IMAGE_LAYOUTS
 
 
 def toy_corpus() -> list[str]:
@@ -69,10 +69,10 @@ def build_tokenizer():
     )
 
 
-# Where the toy's chat template puts the image. `after_text` (the shipped toy's): image tokens can attend to the
-# question, which let the toy learn from pixels in minutes before training was staged; the lettered options then
-# cannot see the image. `before_text`: LLaVA-1.5's own layout (USER: <image>\n...), where every option token sees the
-# image and can judge itself, which the option-flag target (toy_training.option_flag_loss) needs.
+# Where the toy's chat template puts the image. `before_text` (the shipped toy's): LLaVA-1.5's own layout
+# (USER: <image>\n...), where every option token sees the image and can judge itself, which the option-flag target
+# (toy_training.option_flag_loss) needs. `after_text` (the toys before it): image tokens can attend to the question,
+# and the lettered options cannot see the image.
 _USER_TEXT = "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
 _USER_IMAGE = "{% for c in message['content'] %}{% if c['type'] == 'image' %} <image>{% endif %}{% endfor %}"
 _TURNS = (
@@ -92,7 +92,7 @@ def chat_template(image_layout: str) -> str:
     return IMAGE_LAYOUTS[image_layout]
 
 
-def build_processor(image_layout: str = "after_text"):
+def build_processor(image_layout: str = "before_text"):
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 

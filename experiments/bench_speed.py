@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument("--big-device", default=None, help="device of the big-model section (default: cuda if any)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="big-model section on CUDA: skip the CUDA-graph prefill columns (eager only)")
-    parser.add_argument("--scoring", choices=("likelihood", "letter"), default="likelihood",
+    parser.add_argument("--scoring", choices=("likelihood", "letter"), default="letter",
                         help="multiple-choice scoring of the accuracy column")
     parser.add_argument("--steady-heap-mib", type=int, default=32,
                         help="glibc keeps blocks up to this size on its heap (efficientllava/host_memory.py); 0: "

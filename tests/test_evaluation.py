@@ -94,9 +94,10 @@ def test_lightning_evaluator_matches_the_function(processor, test_records):
 
 
 def test_shipped_toy_is_trained(toy, test_records):
-    """The shipped toy is far above chance in option-likelihood scoring (its letter format is not learned yet)."""
+    """The shipped toy is far above chance in both scorings: option likelihood and the lettered format."""
     model, processor = toy
     records = test_records[:160]
     chance = 100.0 * sum(1 / len(r["choices"]) for r in records) / len(records)
-    result = evaluate(model, processor, records, mode="likelihood")
-    assert chance < 40 and result["acc"] >= chance + 20
+    assert chance < 40
+    for mode in ("likelihood", "letter"):
+        assert evaluate(model, processor, records, mode=mode)["acc"] >= chance + 20, mode

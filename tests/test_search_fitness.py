@@ -4,16 +4,18 @@ import math
 import pytest
 import torch
 
-from efficientllava.evaluation import evaluate
+from efficientllava.evaluation import MODEL_INPUTS, evaluate
 from efficientllava.pruning import PruningBank, get_linear, select_layers
 from efficientllava.pruning.toy_calibration import toy_model_and_batches, toy_records
 from efficientllava.search.fitness import (
     FitnessEvaluator,
     SearchSamples,
     check_eta,
+    choice_outcomes,
     fitness,
     generalization_term,
     letter_accuracy,
+    letter_predictions,
     log_norm_table,
 )
 
@@ -76,3 +78,52 @@ def test_evaluator_reports_accuracy_g_and_fitness(setup):
     bank.restore(model)
     assert 0 <= result["acc"] <= 100 and result["G"] < 0 and result["seconds"] > 0
     assert result["fitness"] == pytest.approx(result["acc"] / 100 - 0.01 * result["G"])
+
+
+@pytest.mark.parametrize("scoring", ["letter", "likelihood"])
+def test_answer_probability_is_the_softmax_over_each_samples_own_options(setup, scoring):
+    """choice_outcomes: hits agree with the predictions, and each probability is the softmax of the sample's own
+    option scores at its answer, checked against the full model's logits (letter scoring)."""
+    model, processor, bank, names, records = setup
+    samples = SearchSamples.build(records, processor, batch_size=3, scoring=scoring)
+    hits, probs = choice_outcomes(model, samples)
+    answers = torch.tensor([r["answer"] for r in records])
+    assert hits.tolist() == (letter_predictions(model, samples) == answers).float().tolist()
+    assert ((probs > 0) & (probs < 1)).all()
+    n_choices = torch.tensor([len(r["choices"]) for r in records])
+    assert (probs[hits == 1] > 1.0 / n_choices[hits == 1]).all()  # the argmax holds more than an even share
+    if scoring == "letter":
+        expected = []
+        for batch in samples.batches:
+            with torch.no_grad():
+                logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+            expected.append(logits[torch.arange(len(logits)), batch["last_index"]][:, samples.letter_ids])
+        expected = torch.cat(expected)
+        for i, (n, a) in enumerate(zip(n_choices.tolist(), answers.tolist())):
+            assert probs[i].item() == pytest.approx(torch.softmax(expected[i, :n].float(), -1)[a].item(), rel=1e-4)
+
+
+def test_probability_task_score_drives_the_fitness(setup):
+    model, processor, bank, names, records = setup
+    samples = SearchSamples.build(records, processor)
+    evaluator = FitnessEvaluator(model, bank, samples, eta=0.01, task_score="probability")
+    result = evaluator({n: 0.7 for n in names})
+    hits, probs = choice_outcomes(model, samples)
+    bank.restore(model)
+    assert result["acc"] == pytest.approx(100 * hits.mean().item())  # still reported as accuracy
+    assert result["score"] == pytest.approx(100 * probs.mean().item())
+    assert result["fitness"] == pytest.approx(result["score"] / 100 - 0.01 * result["G"])
+    accuracy = FitnessEvaluator(model, bank, samples, eta=0.01)({n: 0.7 for n in names})
+    bank.restore(model)
+    assert accuracy["score"] == accuracy["acc"] == pytest.approx(result["acc"])
+
+
+def test_bad_task_score_fails_clearly_and_open_samples_keep_accuracy(setup):
+    model, processor, bank, _, records = setup
+    samples = SearchSamples.build(records, processor)
+    with pytest.raises(ValueError, match=r"search.task_score='hits' is unknown; expected one of \['accuracy', "):
+        FitnessEvaluator(model, bank, samples, eta=0.0, task_score="hits")
+    open_samples = SearchSamples(samples.batches, samples.answers, samples.n_choices, samples.letter_ids,
+                                 samples.categories, references=[["yes"]] * len(records))
+    # open-ended samples have no options to give probabilities to: they keep their VQA accuracy
+    assert FitnessEvaluator(model, bank, open_samples, eta=0.0, task_score="probability").task_score == "accuracy"

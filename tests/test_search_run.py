@@ -80,6 +80,7 @@ def no_work(monkeypatch):
     (["search.target_sparsity=0.3", "search.choices=[0.5,0.7]"], SettingsError, "at least the smallest choice 0.5"),
     (["n_search=5000"], SettingsError, r"n_search is 5000; expected at most the size of the search split 'val'"),
     (["search.eta=-1"], SettingsError, r"search.eta is -1.0; expected eta >= 0"),
+    (["search.task_score=hits"], SettingsError, r"search.task_score is 'hits'; expected one of \['accuracy', "),
     (["search.top_k=8"], SettingsError, r"top_k is 8; expected 1 <= top_k <= population \(4\)"),
     (["search.projector.top_k=5"], SettingsError, r"projector.top_k is 5; expected at most search.population \(4\)"),
     (["search.strategy=annealing"], SettingsError, "search.strategy is 'annealing'"),

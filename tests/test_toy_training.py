@@ -160,8 +160,8 @@ def test_option_flag_layer_beyond_the_model_fails_clearly():
 
 
 def test_image_layout_puts_the_image_before_or_after_the_text(test_records):
-    before = build_toy_llava(ToyArchitecture(**{**TINY.__dict__, "image_layout": "before_text"}), seed=0)[1]
-    after = build_toy_llava(TINY, seed=0)[1]
+    before = build_toy_llava(TINY, seed=0)[1]  # the default: LLaVA-1.5's layout
+    after = build_toy_llava(ToyArchitecture(**{**TINY.__dict__, "image_layout": "after_text"}), seed=0)[1]
     for processor, image_first in ((before, True), (after, False)):
         ids = Collator(processor).prompts(test_records[:1], ["short"])["input_ids"][0].tolist()
         tokens = processor.tokenizer.convert_ids_to_tokens(ids)

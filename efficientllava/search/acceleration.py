@@ -337,7 +337,7 @@ class Acceleration:
         out = {}
         if self.masker is not None:
             out["G"] = self.generalization(space, genome)
-            out["fitness"] = fitness(result["acc"] / 100.0, out["G"], eta)
+            out["fitness"] = fitness(result["score"] / 100.0, out["G"], eta)
         out["predicted_speedup"] = space.predicted_speedup(genome)
         return out
 

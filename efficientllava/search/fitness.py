@@ -14,14 +14,14 @@ reads the logits of the option letters at each prompt's last position (as `evalu
 applying the LM head to those positions only). With `scoring="likelihood"` (`search.yaml: scoring`), multiple-choice
 samples are scored instead like `evaluation.predict_likelihood`: the option whose answer + EOS has the highest
 log-probability after the short-answer prompt is the prediction, the prompt run once and each option over its cache
-(`efficientllava/likelihood.py`; for a model that answers well but has not learned the lettered format, such as the
-shipped toy).
+(`efficientllava/likelihood.py`; for a model that answers well but has not learned the lettered format).
 Open-ended search samples (VizWiz) are scored instead by greedy
 answers of at most `max_new_tokens` against their human answers (VQA accuracy, `efficientllava/vqa.py`); benchmarks
 scored by a judge model cannot be searched (hundreds of candidates, each a round of judge calls) and are refused.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -31,10 +31,12 @@ import torch
 from efficientllava.data.collate import Collator
 from efficientllava.data.prompts import LETTER, OPEN, SHORT
 from efficientllava.data.schema import CHOICE, JUDGED, VQA, record_metric
-from efficientllava.evaluation import MODEL_INPUTS, MODES, choose_letter, generate_from_batch, letter_token_ids
+from efficientllava.evaluation import MODEL_INPUTS, MODES, generate_from_batch, letter_token_ids
 from efficientllava.likelihood import option_logprobs
 from efficientllava.vqa import vqa_accuracy
 from efficientllava.pruning.bank import DENSE, choice_key
+
+log = logging.getLogger(__name__)
 
 
 def check_eta(eta) -> float:
@@ -141,26 +143,46 @@ class SearchSamples:
 
 
 @torch.no_grad()
-def letter_predictions(model, samples: SearchSamples) -> torch.Tensor:
-    """The scoring forward: predicted option index per sample (only each sample's own letters compete, or the
-    option with the highest likelihood when `samples.scoring` says so); for VQA samples, the greedy answers (a list
-    of strings), so timing and FLOP counting see the real scoring cost."""
-    if samples.references is not None:
-        return open_predictions(model, samples)
+def choice_scores(model, samples: SearchSamples) -> list[torch.Tensor]:
+    """The scoring forward over multiple-choice samples: per batch, (rows, options) scores of each sample's own
+    options (letter logits at the prompt's last position, or option log-likelihoods when `samples.scoring` says
+    so), -inf beyond a sample's options."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    preds = []
+    scores = []
     for batch, n_choices in zip(samples.batches, samples.n_choices):
         if samples.scoring == "likelihood":
-            preds.append(option_logprobs(model, batch).argmax(-1).cpu())
+            scores.append(option_logprobs(model, batch).float().cpu())
             continue
         hidden = model.model(**{k: batch[k].to(device) for k in MODEL_INPUTS}).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=device)
-        last = hidden[rows, batch["last_index"].to(device)]  # the LM head at the last positions only
-        preds.append(choose_letter(model.lm_head(last), n_choices, samples.letter_ids).cpu())
+        last = model.lm_head(hidden[rows, batch["last_index"].to(device)])  # the LM head at the last positions only
+        letters = last[:, samples.letter_ids].float()
+        beyond = torch.arange(letters.shape[1], device=device)[None, :] >= n_choices.to(device)[:, None]
+        scores.append(letters.masked_fill(beyond, float("-inf")).cpu())
     model.train(was_training)
-    return torch.cat(preds)
+    return scores
+
+
+@torch.no_grad()
+def letter_predictions(model, samples: SearchSamples) -> torch.Tensor:
+    """Predicted option index per sample (only each sample's own letters compete, or the option with the highest
+    likelihood), as `evaluation.predict_letter` does; for VQA samples, the greedy answers (a list of strings), so
+    timing and FLOP counting see the real scoring cost."""
+    if samples.references is not None:
+        return open_predictions(model, samples)
+    return torch.cat([s.argmax(-1) for s in choice_scores(model, samples)])
+
+
+def choice_outcomes(model, samples: SearchSamples) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scoring forward over multiple-choice samples: per sample, whether the prediction is the answer (0/1)
+    and the probability the model gives the answer among the sample's options (softmax over their scores)."""
+    hits, probs = [], []
+    for scores, answers in zip(choice_scores(model, samples), samples.answers):
+        hits.append((scores.argmax(-1) == answers).float())
+        probs.append(torch.softmax(scores, -1).gather(-1, answers[:, None]).squeeze(-1))
+    return torch.cat(hits), torch.cat(probs)
 
 
 def open_predictions(model, samples: SearchSamples) -> list[str]:
@@ -202,12 +224,31 @@ def _sync(model):
         torch.cuda.synchronize(device)
 
 
-class FitnessEvaluator:
-    """Assemble a policy from the bank, score it on the search samples, add the generalization term."""
+TASK_SCORES = ("accuracy", "probability")
 
-    def __init__(self, model, bank, samples: SearchSamples, eta: float):
+
+def check_task_score(task_score: str) -> str:
+    if task_score not in TASK_SCORES:
+        raise ValueError(f"search.task_score={task_score!r} is unknown; expected one of {list(TASK_SCORES)}")
+    return task_score
+
+
+class FitnessEvaluator:
+    """Assemble a policy from the bank, score it on the search samples, add the generalization term.
+
+    The task score is the accuracy on the search samples (`task_score="accuracy"`) or the mean probability the model
+    gives each sample's answer among its options (`"probability"`, the expected accuracy of sampling an option by
+    those probabilities): on 64 samples accuracy moves in steps of 1.6 points and picks the candidates that were
+    lucky on them, the probability moves with every change of the model's confidence (README, Search). Open-ended
+    (VQA) samples have no options: they are scored by VQA accuracy whichever task score is asked for."""
+
+    def __init__(self, model, bank, samples: SearchSamples, eta: float, task_score: str = "accuracy"):
         self.model, self.bank, self.samples = model, bank, samples
         self.eta = check_eta(eta)
+        self.task_score = check_task_score(task_score)
+        if samples.references is not None and self.task_score != "accuracy":
+            log.info("search.task_score=%s: open-ended search samples are scored by VQA accuracy", self.task_score)
+            self.task_score = "accuracy"
         self.table = log_norm_table(bank)
 
     def generalization(self, ratios: dict) -> float:
@@ -216,7 +257,11 @@ class FitnessEvaluator:
     def __call__(self, ratios: dict) -> dict:
         start = time.perf_counter()
         self.bank.assemble(self.model, ratios)
-        acc = letter_accuracy(self.model, self.samples)
+        if self.task_score == "probability":
+            hits, probs = choice_outcomes(self.model, self.samples)
+            acc, score = 100.0 * hits.mean().item(), 100.0 * probs.mean().item()
+        else:
+            acc = score = letter_accuracy(self.model, self.samples)
         g = self.generalization(ratios)
-        return {"acc": acc, "G": g, "fitness": fitness(acc / 100.0, g, self.eta),
+        return {"acc": acc, "score": score, "G": g, "fitness": fitness(score / 100.0, g, self.eta),
                 "seconds": time.perf_counter() - start}

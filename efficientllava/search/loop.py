@@ -183,7 +183,7 @@ class SearchRun:
                                       directory=self.cfg.bank.get("directory"), device=self.cfg.bank.get("device"),
                                       blocksize=o["blocksize"],
                                       damp=o["damp"], offload=o["offload"])
-        self.evaluator = FitnessEvaluator(model, self.bank, self.samples, s.eta)
+        self.evaluator = FitnessEvaluator(model, self.bank, self.samples, s.eta, s.task_score)
         if self.accel is not None:
             self.accel.attach(self.bank, self.evaluator.table)
         self.bank_seconds = time.perf_counter() - start

@@ -15,6 +15,7 @@ from efficientllava.host_memory import MAX_MMAP_THRESHOLD_MIB, HostMemoryError, 
 from efficientllava.policy import GRANULARITIES, BudgetError, choice_ratio, sorted_choices
 from efficientllava.projector import LOSSES
 from efficientllava.search.evolution import EvolutionSettings
+from efficientllava.search.fitness import TASK_SCORES
 
 STRATEGIES = ("evolution", "uniform", "owl", "ecoflap", "random")
 
@@ -44,6 +45,7 @@ class SearchSettings:
     choices: list
     granularity: str
     eta: float
+    task_score: str
     seed: int
     n_search: int
     search_split: str
@@ -71,6 +73,7 @@ class SearchSettings:
             "choices": [str(c) for c in self.choices], "granularity": self.granularity, "eta": self.eta,
             "seed": self.seed, "n_search": self.n_search, "search_split": self.search_split,
             "evolution": evo, "projector": vars(self.projector), "options": options, **extra,
+            **({"task_score": self.task_score} if self.task_score != "accuracy" else {}),
         }
 
 
@@ -136,6 +139,9 @@ def read_settings(cfg) -> SearchSettings:
     eta = _float(s, "eta", 0.0)
     if eta < 0:
         _fail("search.eta", eta, "eta >= 0 (0 disables the generalization term: the 'w/o Gen' ablation)")
+    task_score = s.get("task_score", "accuracy")
+    if task_score not in TASK_SCORES:
+        _fail("search.task_score", task_score, f"one of {list(TASK_SCORES)}")
 
     n_search = _int(cfg, "n_search", 64, minimum=1, where="")
     declared = OmegaConf.select(cfg, f"data.build.sizes.{cfg.get('search_split', 'val')}", default=None)
@@ -202,7 +208,8 @@ def read_settings(cfg) -> SearchSettings:
 
     return SearchSettings(
         strategy=strategy, target=target, tolerance=tolerance, choices=choices, granularity=granularity, eta=eta,
-        seed=evolution.seed, n_search=n_search, search_split=str(cfg.get("search_split", "val")),
+        task_score=task_score, seed=evolution.seed, n_search=n_search,
+        search_split=str(cfg.get("search_split", "val")),
         heldout_split=str(cfg.get("heldout_split", "test")), n_heldout=n_heldout,
         heldout_top=_int(cfg, "heldout_top", 3, minimum=0, where=""),
         eval_batch_size=_int(cfg, "eval_batch_size", 64, minimum=1, where=""),
