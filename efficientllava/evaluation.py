@@ -59,13 +59,18 @@ def letter_choices(logits: torch.Tensor, batch: dict, records: list[dict], lette
     return choose_letter(logits[rows, batch["last_index"].to(logits.device)], n_choices, letter_ids).tolist()
 
 
+def letter_scores(last: torch.Tensor, n_choices: torch.Tensor, letter_ids: list[int]) -> torch.Tensor:
+    """(rows, letters) scores from (rows, vocab) logits at each prompt's last position: each row's own letters (its
+    first `n_choices`), -inf beyond them."""
+    scores = last[:, letter_ids].float()
+    beyond = torch.arange(len(LETTERS), device=last.device)[None, :] >= n_choices.to(last.device)[:, None]
+    return scores.masked_fill(beyond, float("-inf"))
+
+
 def choose_letter(last: torch.Tensor, n_choices: torch.Tensor, letter_ids: list[int]) -> torch.Tensor:
     """Option indices from (rows, vocab) logits at each prompt's last position: the best-scoring letter among the
     first `n_choices` of each row."""
-    scores = last[:, letter_ids].float()
-    beyond = torch.arange(len(LETTERS), device=last.device)[None, :] >= n_choices.to(last.device)[:, None]
-    scores[beyond] = float("-inf")
-    return scores.argmax(-1)
+    return letter_scores(last, n_choices, letter_ids).argmax(-1)
 
 
 def answer_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Can the toy's language model learn the last step of the lettered format: from an answer to its option's letter?
 
-Toys trained on the letter alone answer the lettered format at chance (README). This separates the binding step from seeing: the toy's
-language model (architecture from conf/train.yaml), text only, trained from scratch on the toy benchmark's questions
-and options with the correct option's text written into the prompt, so the answer never has to be worked out; only
-its letter has to be found. One prompt layout per run:
+Toys trained on the letter alone answer the lettered format at chance (README). This separates the binding step
+from seeing: the toy's language model (architecture from conf/train.yaml), text only, trained from scratch on the
+toy benchmark's questions and options with the correct option's text written into the prompt, so the answer never
+has to be worked out; only its letter has to be found. One prompt layout per run:
 
     python experiments/letter_binding.py                                  # every layout, 2,500 steps each
     python experiments/letter_binding.py --layouts answer_last --steps 500

@@ -31,7 +31,7 @@ import torch
 from efficientllava.data.collate import Collator
 from efficientllava.data.prompts import LETTER, OPEN, SHORT
 from efficientllava.data.schema import CHOICE, JUDGED, VQA, record_metric
-from efficientllava.evaluation import MODEL_INPUTS, MODES, generate_from_batch, letter_token_ids
+from efficientllava.evaluation import MODEL_INPUTS, MODES, generate_from_batch, letter_scores, letter_token_ids
 from efficientllava.likelihood import option_logprobs
 from efficientllava.vqa import vqa_accuracy
 from efficientllava.pruning.bank import DENSE, choice_key
@@ -158,9 +158,7 @@ def choice_scores(model, samples: SearchSamples) -> list[torch.Tensor]:
         hidden = model.model(**{k: batch[k].to(device) for k in MODEL_INPUTS}).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=device)
         last = model.lm_head(hidden[rows, batch["last_index"].to(device)])  # the LM head at the last positions only
-        letters = last[:, samples.letter_ids].float()
-        beyond = torch.arange(letters.shape[1], device=device)[None, :] >= n_choices.to(device)[:, None]
-        scores.append(letters.masked_fill(beyond, float("-inf")).cpu())
+        scores.append(letter_scores(last, n_choices, samples.letter_ids).cpu())
     model.train(was_training)
     return scores
 
