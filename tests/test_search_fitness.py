@@ -12,6 +12,7 @@ from efficientllava.search.fitness import (
     SearchSamples,
     check_eta,
     choice_outcomes,
+    choice_probabilities,
     fitness,
     generalization_term,
     letter_accuracy,
@@ -116,6 +117,32 @@ def test_probability_task_score_drives_the_fitness(setup):
     accuracy = FitnessEvaluator(model, bank, samples, eta=0.01)({n: 0.7 for n in names})
     bank.restore(model)
     assert accuracy["score"] == accuracy["acc"] == pytest.approx(result["acc"])
+
+
+def test_agreement_task_score_compares_with_the_dense_model_not_the_labels(setup):
+    """task_score=agreement: sum_i p_candidate(i) * p_dense(i) per sample, the dense distribution taken when the
+    evaluator is built (even if the model holds a pruned policy then); the labels only feed the reported accuracy."""
+    model, processor, bank, names, records = setup
+    samples = SearchSamples.build(records, processor, batch_size=3)
+    dense = torch.cat(choice_probabilities(model, samples))
+    bank.assemble(model, {n: 0.5 for n in names})  # built on a pruned state: the bank is restored first
+    evaluator = FitnessEvaluator(model, bank, samples, eta=0.01, task_score="agreement")
+    assert torch.equal(torch.cat(evaluator.reference), dense)
+    itself = evaluator({n: 0.0 for n in names})
+    assert itself["score"] == pytest.approx(100 * (dense * dense).sum(-1).mean().item(), rel=1e-5)
+    pruned = evaluator({n: 0.7 for n in names})
+    probs = torch.cat(choice_probabilities(model, samples))
+    hits, _ = choice_outcomes(model, samples)
+    bank.restore(model)
+    assert pruned["score"] == pytest.approx(100 * (probs * dense).sum(-1).mean().item(), rel=1e-5)
+    assert pruned["acc"] == pytest.approx(100 * hits.mean().item())
+    assert pruned["score"] < itself["score"]  # 70% Wanda moves the toy's answers away from the dense ones
+    assert pruned["fitness"] == pytest.approx(pruned["score"] / 100 - 0.01 * pruned["G"])
+    flipped = [{**r, "answer": (r["answer"] + 1) % len(r["choices"])} for r in records]
+    relabelled = FitnessEvaluator(model, bank, SearchSamples.build(flipped, processor, batch_size=3), eta=0.01,
+                                  task_score="agreement")({n: 0.7 for n in names})
+    bank.restore(model)
+    assert relabelled["score"] == pytest.approx(pruned["score"])  # other labels, same agreement
 
 
 def test_bad_task_score_fails_clearly_and_open_samples_keep_accuracy(setup):

@@ -187,6 +187,7 @@ def test_a_projector_round_is_kept_only_if_the_held_back_loss_does_not_rise(tiny
     saved = load_file(str(tmp_path / "projector" / "round_1.safetensors"))
     unchanged = all(torch.equal(saved[k], v) for k, v in original.items())
     assert unchanged is not accepted  # rejected: the previous projector stayed; kept: the trained one
+    assert summary["pruned"]["projector"] == ("searched (round 1)" if accepted else "original; round(s) 1 rejected")
 
 
 @pytest.mark.parametrize("loss", ["answer", "distill"])

@@ -1,8 +1,9 @@
 """Fitness of a candidate policy: task score on the N search samples minus eta times a generalization term.
 
-    fitness = acc - eta * G,    G = sum_l log(||M_l * W_l||_F / ||W_l||_F)
+    fitness = score - eta * G,    G = sum_l log(||M_l * W_l||_F / ||W_l||_F)
 
-`acc` is the letter-scoring accuracy on the search samples as a fraction in [0, 1]. G is the log of the
+`score` is the task score on the search samples as a fraction in [0, 1] (`search.task_score`: agreement with the
+dense model's option probabilities, the answer's probability, or accuracy; `FitnessEvaluator`). G is the log of the
 norm-based Rademacher-complexity bound of the pruned network (C * prod_l ||W_l||_F / sqrt(N); Neyshabur et al. 2015,
 Golowich et al. 2018) relative to the dense network, over the searched layers (the other layers are unchanged and
 cancel). The bound's constant and -1/2 log N are the same for every candidate at fixed N, so they are dropped.
@@ -46,9 +47,9 @@ def check_eta(eta) -> float:
     return eta
 
 
-def fitness(acc: float, generalization: float, eta: float) -> float:
-    """acc in [0, 1]; generalization = G (<= 0 for masks). Larger is better."""
-    return acc - eta * generalization
+def fitness(score: float, generalization: float, eta: float) -> float:
+    """score in [0, 1]; generalization = G (<= 0 for masks). Larger is better."""
+    return score - eta * generalization
 
 
 # ---- generalization term ----------------------------------------------------------------------------------------
@@ -183,6 +184,23 @@ def choice_outcomes(model, samples: SearchSamples) -> tuple[torch.Tensor, torch.
     return torch.cat(hits), torch.cat(probs)
 
 
+def choice_probabilities(model, samples: SearchSamples) -> list[torch.Tensor]:
+    """Per batch, (rows, options) probabilities the model gives each sample's own options (softmax of
+    `choice_scores`; 0 beyond a sample's options)."""
+    return [torch.softmax(scores, -1) for scores in choice_scores(model, samples)]
+
+
+def agreement_outcomes(model, samples: SearchSamples, reference: list[torch.Tensor]):
+    """One scoring forward: per sample, whether the prediction is the answer (0/1) and the probability that the
+    model and the reference (the dense model's `choice_probabilities`), each picking an option by its own
+    probabilities, pick the same one: sum_i p_model(i) * p_reference(i)."""
+    hits, agree = [], []
+    for probs, ref, answers in zip(choice_probabilities(model, samples), reference, samples.answers):
+        hits.append((probs.argmax(-1) == answers).float())
+        agree.append((probs * ref).sum(-1))
+    return torch.cat(hits), torch.cat(agree)
+
+
 def open_predictions(model, samples: SearchSamples) -> list[str]:
     """Greedy answers to the (open-format) search samples."""
     answers = []
@@ -222,7 +240,7 @@ def _sync(model):
         torch.cuda.synchronize(device)
 
 
-TASK_SCORES = ("accuracy", "probability")
+TASK_SCORES = ("accuracy", "probability", "agreement")
 
 
 def check_task_score(task_score: str) -> str:
@@ -237,8 +255,11 @@ class FitnessEvaluator:
     The task score is the accuracy on the search samples (`task_score="accuracy"`) or the mean probability the model
     gives each sample's answer among its options (`"probability"`, the expected accuracy of sampling an option by
     those probabilities): on 64 samples accuracy moves in steps of 1.6 points and picks the candidates that were
-    lucky on them, the probability moves with every change of the model's confidence (README, Search). Open-ended
-    (VQA) samples have no options: they are scored by VQA accuracy whichever task score is asked for."""
+    lucky on them, the probability moves with every change of the model's confidence (README, Search). With
+    `"agreement"` the labels are not used at all: the score is the probability that the candidate and the dense
+    model (the model as the evaluator is built, bank restored) pick the same option, so no candidate can gain by
+    being right where the dense model is wrong on these few samples. Open-ended (VQA) samples have no options: they
+    are scored by VQA accuracy whichever task score is asked for."""
 
     def __init__(self, model, bank, samples: SearchSamples, eta: float, task_score: str = "accuracy"):
         self.model, self.bank, self.samples = model, bank, samples
@@ -248,6 +269,10 @@ class FitnessEvaluator:
             log.info("search.task_score=%s: open-ended search samples are scored by VQA accuracy", self.task_score)
             self.task_score = "accuracy"
         self.table = log_norm_table(bank)
+        self.reference = None
+        if self.task_score == "agreement":
+            bank.restore(model)
+            self.reference = choice_probabilities(model, samples)
 
     def generalization(self, ratios: dict) -> float:
         return generalization_term(self.table, ratios)
@@ -255,8 +280,9 @@ class FitnessEvaluator:
     def __call__(self, ratios: dict) -> dict:
         start = time.perf_counter()
         self.bank.assemble(self.model, ratios)
-        if self.task_score == "probability":
-            hits, probs = choice_outcomes(self.model, self.samples)
+        if self.task_score in ("probability", "agreement"):
+            hits, probs = (choice_outcomes(self.model, self.samples) if self.reference is None
+                           else agreement_outcomes(self.model, self.samples, self.reference))
             acc, score = 100.0 * hits.mean().item(), 100.0 * probs.mean().item()
         else:
             acc = score = letter_accuracy(self.model, self.samples)

@@ -304,6 +304,14 @@ class SearchRun:
         self.rounds.append(info)
         self.current_round = r
 
+    def projector_label(self) -> str:
+        """Which projector the result carries: the last round whose training was kept (a rejected round leaves the
+        previous projector in place), and the rounds that were rejected."""
+        kept = [i["round"] for i in self.rounds if i.get("accepted", True)]
+        rejected = [str(i["round"]) for i in self.rounds if not i.get("accepted", True)]
+        label = f"searched (round {kept[-1]})" if kept else "original"
+        return label + (f"; round(s) {', '.join(rejected)} rejected" if rejected else "")
+
     # rows of pareto.json
     def rows(self) -> list[dict]:
         space = self.strategy_space
@@ -400,7 +408,7 @@ class SearchRun:
                        "heldout_per_category": pruned_heldout["per_category"],
                        "sparsity": final_row["sparsity"], "policy_sparsity": policy.sparsity(),
                        "pruner": final_row["label"],
-                       "projector": f"searched (round {self.current_round})" if self.current_round else "original",
+                       "projector": self.projector_label(),
                        "prune_seconds": prune_seconds},
             "best_candidate": {"id": best["id"], "search_acc": best["acc"], "G": best["G"],
                                "fitness": best["fitness"], "sparsity": best["sparsity"],
