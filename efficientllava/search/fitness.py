@@ -174,31 +174,23 @@ def letter_predictions(model, samples: SearchSamples) -> torch.Tensor:
     return torch.cat([s.argmax(-1) for s in choice_scores(model, samples)])
 
 
-def choice_outcomes(model, samples: SearchSamples) -> tuple[torch.Tensor, torch.Tensor]:
-    """One scoring forward over multiple-choice samples: per sample, whether the prediction is the answer (0/1)
-    and the probability the model gives the answer among the sample's options (softmax over their scores)."""
-    hits, probs = [], []
-    for scores, answers in zip(choice_scores(model, samples), samples.answers):
-        hits.append((scores.argmax(-1) == answers).float())
-        probs.append(torch.softmax(scores, -1).gather(-1, answers[:, None]).squeeze(-1))
-    return torch.cat(hits), torch.cat(probs)
-
-
 def choice_probabilities(model, samples: SearchSamples) -> list[torch.Tensor]:
     """Per batch, (rows, options) probabilities the model gives each sample's own options (softmax of
     `choice_scores`; 0 beyond a sample's options)."""
     return [torch.softmax(scores, -1) for scores in choice_scores(model, samples)]
 
 
-def agreement_outcomes(model, samples: SearchSamples, reference: list[torch.Tensor]):
-    """One scoring forward: per sample, whether the prediction is the answer (0/1) and the probability that the
-    model and the reference (the dense model's `choice_probabilities`), each picking an option by its own
-    probabilities, pick the same one: sum_i p_model(i) * p_reference(i)."""
-    hits, agree = [], []
-    for probs, ref, answers in zip(choice_probabilities(model, samples), reference, samples.answers):
+def choice_outcomes(model, samples: SearchSamples, reference: list[torch.Tensor] | None = None):
+    """One scoring forward over multiple-choice samples: per sample, whether the prediction is the answer (0/1),
+    and the probability the model gives the answer among the sample's options or, given a `reference` (another
+    model's `choice_probabilities`), the probability that the two, each picking an option by its own probabilities,
+    pick the same one: sum_i p_model(i) * p_reference(i)."""
+    hits, scores = [], []
+    for i, (probs, answers) in enumerate(zip(choice_probabilities(model, samples), samples.answers)):
         hits.append((probs.argmax(-1) == answers).float())
-        agree.append((probs * ref).sum(-1))
-    return torch.cat(hits), torch.cat(agree)
+        scores.append(probs.gather(-1, answers[:, None]).squeeze(-1) if reference is None
+                      else (probs * reference[i]).sum(-1))
+    return torch.cat(hits), torch.cat(scores)
 
 
 def open_predictions(model, samples: SearchSamples) -> list[str]:
@@ -280,9 +272,8 @@ class FitnessEvaluator:
     def __call__(self, ratios: dict) -> dict:
         start = time.perf_counter()
         self.bank.assemble(self.model, ratios)
-        if self.task_score in ("probability", "agreement"):
-            hits, probs = (choice_outcomes(self.model, self.samples) if self.reference is None
-                           else agreement_outcomes(self.model, self.samples, self.reference))
+        if self.task_score != "accuracy":  # probability, or agreement against the dense reference
+            hits, probs = choice_outcomes(self.model, self.samples, self.reference)
             acc, score = 100.0 * hits.mean().item(), 100.0 * probs.mean().item()
         else:
             acc = score = letter_accuracy(self.model, self.samples)
