@@ -118,24 +118,35 @@ def round_loss(model, inputs: dict, batch: dict) -> torch.Tensor:
                                       reduction="batchmean")
 
 
+CHECKS = ("score", "loss")  # what the held-back samples judge a round by (search.projector.check)
+
+
 @torch.no_grad()
-def check_loss(model, bank, policies: list[dict], batches: list[dict]) -> float:
-    """The answer loss on `batches` averaged over `policies` assembled from `bank` (no training); the model ends
-    dense."""
-    device = next(model.parameters()).device
+def mean_over_policies(model, bank, policies: list[dict], measure) -> float:
+    """`measure(model)` averaged over `policies` assembled from `bank` (no training); the model ends dense."""
     was_training = model.training
     model.eval()
     total = 0.0
     try:
         for policy in policies:
             bank.assemble(model, policy)
-            for batch in batches:
-                inputs = {k: batch[k].to(device) for k in MODEL_INPUTS}
-                total += float(answer_loss(model, inputs, batch["labels"])) / (len(policies) * len(batches))
+            total += float(measure(model)) / len(policies)
     finally:
         bank.restore(model)
         model.train(was_training)
     return total
+
+
+def check_loss(model, bank, policies: list[dict], batches: list[dict]) -> float:
+    """The answer loss on `batches` averaged over `policies` assembled from `bank` (no training); the model ends
+    dense."""
+    device = next(model.parameters()).device
+
+    def loss(model) -> float:
+        return sum(float(answer_loss(model, {k: b[k].to(device) for k in MODEL_INPUTS}, b["labels"]))
+                   for b in batches) / len(batches)
+
+    return mean_over_policies(model, bank, policies, loss)
 
 
 class _Batches(Dataset):

@@ -145,6 +145,30 @@ def test_agreement_task_score_compares_with_the_dense_model_not_the_labels(setup
     assert relabelled["score"] == pytest.approx(pruned["score"])  # other labels, same agreement
 
 
+def test_the_evaluator_scores_other_samples_against_their_own_dense_reference(setup):
+    """reference_on(other samples) is the dense model's probabilities on them (taken with the bank restored); score()
+    is the task score of the model as it stands: what a projector round's held-back check compares."""
+    model, processor, bank, names, records = setup
+    search, held = SearchSamples.build(records[:4], processor), SearchSamples.build(records[4:], processor)
+    evaluator = FitnessEvaluator(model, bank, search, eta=0.0, task_score="agreement")
+    bank.assemble(model, {n: 0.5 for n in names})
+    reference = evaluator.reference_on(held)  # restores the bank first
+    assert torch.equal(torch.cat(reference), torch.cat(choice_probabilities(model, held)))
+    bank.assemble(model, {n: 0.7 for n in names})
+    probs = torch.cat(choice_probabilities(model, held))
+    hits, _ = choice_outcomes(model, held)
+    acc, score = evaluator.score(held, reference)
+    assert score == pytest.approx(100 * (probs * torch.cat(reference)).sum(-1).mean().item(), rel=1e-5)
+    assert acc == pytest.approx(100 * hits.mean().item())
+    with pytest.raises(ValueError, match="needs their dense reference"):
+        evaluator.score(held)
+    bank.restore(model)
+    probability = FitnessEvaluator(model, bank, search, eta=0.0, task_score="probability")
+    assert probability.reference_on(held) is None  # the labels are the reference
+    _, gold = choice_outcomes(model, held)
+    assert probability.score(held)[1] == pytest.approx(100 * gold.mean().item(), rel=1e-5)
+
+
 def test_bad_task_score_fails_clearly_and_open_samples_keep_accuracy(setup):
     model, processor, bank, _, records = setup
     samples = SearchSamples.build(records, processor)

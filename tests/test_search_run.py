@@ -12,7 +12,8 @@ from efficientllava.search import loop
 from efficientllava.search.settings import STRATEGIES, SettingsError
 from efficientllava.toy_model import ToyArchitecture, build_toy_llava
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
 
 
@@ -62,7 +63,7 @@ def test_ablations_change_what_they_say():
     assert compose_search(["experiment=n16"]).n_search == 16
     speed = compose_search(["experiment=speed_toy"])
     assert speed.model.attn_implementation == "eager" and speed.search.target_sparsity == 0.0
-    assert list(speed.search.structure.attn_choices) == [0.0] and speed.search.latency.min_speedup == 1.5
+    assert list(speed.search.structure.attn_choices) == [0.0] and speed.search.latency.min_speedup == 1.6
 
 
 @pytest.fixture
@@ -90,6 +91,8 @@ def no_work(monkeypatch):
     (["bank.layers.components=[projector,language_model]"], SettingsError, "selects projector layer"),
     (["search.projector.holdout=1.0"], SettingsError, r"holdout is 1.0; expected a share in \[0, 1\)"),
     (["search.projector.holdout=0.01"], SettingsError, "0 of the 8 search samples"),
+    (["search.projector.check=accuracy"], SettingsError,
+     r"search.projector.check is 'accuracy'; expected one of \['score', 'loss'\]"),
     (["search.projector.loss=mse"], SettingsError, r"search.projector.loss is 'mse'; expected one of \['answer', "
                                                    r"'distill'\]"),
 ])
@@ -161,9 +164,14 @@ def test_search_end_to_end_writes_every_output(tiny, tmp_path):
     assert json.loads((tmp_path / "best_policy.json").read_text())["ratios"] == policy["ratios"]
 
 
-@pytest.mark.parametrize("losses, accepted", [((1.0, 2.0), False), ((2.0, 1.0), True)])
-def test_a_projector_round_is_kept_only_if_the_held_back_loss_does_not_rise(tiny, toy_dir, tmp_path, monkeypatch,
-                                                                          losses, accepted):
+@pytest.mark.parametrize("check, losses, scores, accepted", [
+    ("score", (1.0, 2.0), (50.0, 60.0), True), ("score", (2.0, 1.0), (60.0, 50.0), False),
+    ("loss", (1.0, 2.0), (50.0, 60.0), False), ("loss", (2.0, 1.0), (60.0, 50.0), True)])
+def test_a_projector_round_is_kept_only_if_the_held_back_samples_do_not_get_worse(tiny, toy_dir, tmp_path,
+                                                                                 monkeypatch, check, losses, scores,
+                                                                                 accepted):
+    """check=score (default): kept if the search's task score on the held-back samples does not fall, whatever their
+    answer loss does; check=loss: kept if their answer loss does not rise, whatever the score does."""
     import json
 
     from safetensors.torch import load_file
@@ -171,23 +179,46 @@ def test_a_projector_round_is_kept_only_if_the_held_back_loss_does_not_rise(tiny
 
     from efficientllava.projector import projector_state
 
-    seen = []
+    seen, scored = [], []
 
     def check_loss(model, bank, policies, batches):  # before, then after the round
         seen.append(sum(len(b["labels"]) for b in batches))
         return losses[len(seen) - 1]
 
+    def mean_over_policies(model, bank, policies, measure):
+        scored.append(len(policies))
+        return scores[len(scored) - 1]
+
     monkeypatch.setattr(loop, "check_loss", check_loss)
-    overrides = ["search.projector.holdout=0.25", "search.projector.lr=0.1", "save_pruned_model=false"]
+    monkeypatch.setattr(loop, "mean_over_policies", mean_over_policies)
+    overrides = ["search.projector.holdout=0.25", "search.projector.lr=0.1", "save_pruned_model=false",
+                 f"search.projector.check={check}"]
     summary = loop.run_search(compose_search(tiny + overrides), tmp_path)
     assert seen == [2, 2]  # 2 of the 8 search samples held back, read before and after the round
+    assert scored == [2, 2]  # the round's top-2 policies, before and after
     info = json.loads((tmp_path / "projector" / "round_1.json").read_text())
     assert info["accepted"] is accepted and summary["projector_rounds"][0]["accepted"] is accepted
+    assert (info["check_score_before"], info["check_score_after"]) == scores
+    assert (info["check_loss_before"], info["check_loss_after"]) == losses
     original = projector_state(LlavaForConditionalGeneration.from_pretrained(toy_dir))
     saved = load_file(str(tmp_path / "projector" / "round_1.safetensors"))
     unchanged = all(torch.equal(saved[k], v) for k, v in original.items())
     assert unchanged is not accepted  # rejected: the previous projector stayed; kept: the trained one
     assert summary["pruned"]["projector"] == ("searched (round 1)" if accepted else "original; round(s) 1 rejected")
+
+
+def test_the_held_back_score_is_the_task_score_against_the_dense_answers(tiny, tmp_path):
+    """Unmocked: round 1's check_score_before is the agreement of its policies with the dense model on the held-back
+    samples, averaged; a projector that has not moved yet (lr 0 is refused, so steps=0) keeps the score equal."""
+    import json
+
+    overrides = ["search.projector.holdout=0.25", "search.projector.steps=0", "save_pruned_model=false",
+                 "search.task_score=agreement"]
+    loop.run_search(compose_search(tiny + overrides), tmp_path)
+    info = json.loads((tmp_path / "projector" / "round_1.json").read_text())
+    assert 0.0 < info["check_score_before"] <= 100.0
+    assert info["check_score_after"] == pytest.approx(info["check_score_before"])  # nothing trained
+    assert info["accepted"] is True
 
 
 @pytest.mark.parametrize("loss", ["answer", "distill"])
@@ -235,3 +266,38 @@ def test_baselines_run_end_to_end_on_budget(tiny, tmp_path, strategy):
     assert (tmp_path / "pareto.json").is_file() and (tmp_path / "pareto.png").is_file()
     if strategy == "random":
         assert summary["candidates_evaluated"] == 5
+
+
+def test_projector_effect_scores_the_pruned_model_with_its_projector_and_the_original(tiny, tmp_path, monkeypatch):
+    """experiments/projector_effect.py on a finished run whose round was kept: the carried column is the run's own
+    held-out accuracy, the original column that of the same pruned model with the dense model's projector."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from efficientllava.models import load_llava
+    from efficientllava.projector import load_projector_state, projector_state
+
+    spec = importlib.util.spec_from_file_location("projector_effect", ROOT / "experiments" / "projector_effect.py")
+    effect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(effect)
+    monkeypatch.setattr(loop, "check_loss", lambda model, bank, policies, batches, _seq=iter([2.0, 1.0]): next(_seq))
+    cfg = compose_search(tiny + ["search.projector.holdout=0.25", "search.projector.lr=0.1",
+                                 "search.projector.check=loss"])
+    summary = loop.run_search(cfg, tmp_path)
+    assert summary["pruned"]["projector"] == "searched (round 1)"
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    result = effect.run_effect(tmp_path)
+    assert result["n_check"] == 2
+    assert result["carried"]["heldout_acc"] == pytest.approx(summary["pruned"]["heldout_acc"])
+    dense, processor = load_llava(summary["model"], device="cpu")
+    pruned, _ = load_llava(tmp_path / "pruned_model", device="cpu")
+    load_projector_state(pruned, projector_state(dense))
+    heldout = loop.SearchSamples.build(loop.load_records(cfg, loop.read_settings(cfg), processor)[1], processor)
+    assert result["original"]["heldout_acc"] == pytest.approx(loop.accuracy_by_category(pruned, heldout)["acc"])
+    for column in ("carried", "original"):
+        assert 0.0 <= result[column]["check_agreement"] <= 100.0 and 0.0 < result[column]["check_probability"] <= 100
+    assert result["carried"] != result["original"]  # the kept round moved the projector (lr 0.1)
+    with pytest.raises(SystemExit, match="summary.json is missing"):
+        effect.run_effect(tmp_path / "pruned_model")

@@ -269,14 +269,32 @@ class FitnessEvaluator:
     def generalization(self, ratios: dict) -> float:
         return generalization_term(self.table, ratios)
 
+    def reference_on(self, samples: SearchSamples) -> list[torch.Tensor] | None:
+        """The dense model's option probabilities on other samples (the reference `score` needs for them under
+        agreement; None for the other task scores). Restores the bank: call it before the projector changes."""
+        if self.task_score != "agreement":
+            return None
+        self.bank.restore(self.model)
+        return choice_probabilities(self.model, samples)
+
+    def score(self, samples: SearchSamples, reference: list[torch.Tensor] | None = None) -> tuple[float, float]:
+        """(accuracy, task score), both in %, of the model as it stands on `samples`; `reference` is
+        `reference_on(samples)` (the search samples' own reference when None)."""
+        if self.task_score == "accuracy":
+            acc = letter_accuracy(self.model, samples)
+            return acc, acc
+        if self.task_score == "agreement" and reference is None:
+            if samples is not self.samples:
+                raise ValueError("agreement on samples other than the search samples needs their dense reference "
+                                 "(FitnessEvaluator.reference_on)")
+            reference = self.reference
+        hits, probs = choice_outcomes(self.model, samples, reference)
+        return 100.0 * hits.mean().item(), 100.0 * probs.mean().item()
+
     def __call__(self, ratios: dict) -> dict:
         start = time.perf_counter()
         self.bank.assemble(self.model, ratios)
-        if self.task_score != "accuracy":  # probability, or agreement against the dense reference
-            hits, probs = choice_outcomes(self.model, self.samples, self.reference)
-            acc, score = 100.0 * hits.mean().item(), 100.0 * probs.mean().item()
-        else:
-            acc = score = letter_accuracy(self.model, self.samples)
+        acc, score = self.score(self.samples)
         g = self.generalization(ratios)
         return {"acc": acc, "score": score, "G": g, "fitness": fitness(score / 100.0, g, self.eta),
                 "seconds": time.perf_counter() - start}

@@ -27,8 +27,8 @@ from efficientllava.logging_setup import build_loggers
 from efficientllava.models import load_from_config
 from efficientllava.outputs import atomic_directory, write_json
 from efficientllava.policy import ModelIdentity, Policy, PolicyMismatchError, SearchSpace
-from efficientllava.projector import (check_loss, load_projector, load_projector_state, projector_state,
-                                      save_projector, train_projector, with_teacher)
+from efficientllava.projector import (check_loss, load_projector, load_projector_state, mean_over_policies,
+                                      projector_state, save_projector, train_projector, with_teacher)
 from efficientllava.pruning import PruningBank, get_linear, prune_model, pruner_options, select_from_config, sparsity
 from efficientllava.search import baselines
 from efficientllava.search.acceleration import Acceleration, budget_summary
@@ -166,6 +166,8 @@ class SearchRun:
         self.loss_batches = answer_batches(self.search_records[:fit], self.processor, s.projector.batch_size, scoring)
         self.check_batches = (answer_batches(self.search_records[fit:], self.processor, s.projector.batch_size, scoring)
                               if self.n_check else [])
+        self.check_samples = (SearchSamples.build(self.search_records[fit:], self.processor, s.eval_batch_size,
+                                                  max_new_tokens, scoring) if self.n_check else None)
         # what the rounds train on: the gold answers, or the dense model's own answer distributions (taken here,
         # before any round changes the projector)
         self.round_batches = (with_teacher(model, self.loss_batches)
@@ -184,6 +186,8 @@ class SearchRun:
                                       blocksize=o["blocksize"],
                                       damp=o["damp"], offload=o["offload"])
         self.evaluator = FitnessEvaluator(model, self.bank, self.samples, s.eta, s.task_score)
+        # the dense model's answers on the held-back samples, taken before any round moves the projector
+        self.check_reference = self.evaluator.reference_on(self.check_samples) if self.n_check else None
         if self.accel is not None:
             self.accel.attach(self.bank, self.evaluator.table)
         self.bank_seconds = time.perf_counter() - start
@@ -282,17 +286,22 @@ class SearchRun:
                 bank = self.accel.bank_view(self.bank)
                 policies = [self.accel.policy_ratios(self.space, t["genome"]) for t in top]
             check = {}
-            if self.check_batches:  # the round is kept only if the held-back samples' loss does not rise
+            if self.n_check:  # the round is kept only if the held-back samples do not get worse
                 previous = {k: v.detach().clone() for k, v in projector_state(self.model).items()}
-                check["check_loss_before"] = check_loss(self.model, bank, policies, self.check_batches)
+                check = self.held_back(bank, policies, "before")
             losses = train_projector(self.model, bank, policies, self.round_batches, p.steps, p.lr, p.weight_decay)
-            if self.check_batches:
-                check["check_loss_after"] = check_loss(self.model, bank, policies, self.check_batches)
-                check["accepted"] = check["check_loss_after"] <= check["check_loss_before"]
+            if self.n_check:
+                check.update(self.held_back(bank, policies, "after"))
+                if p.check == "score":
+                    check["accepted"] = check["check_score_after"] >= check["check_score_before"]
+                else:
+                    check["accepted"] = check["check_loss_after"] <= check["check_loss_before"]
                 if not check["accepted"]:
                     load_projector_state(self.model, previous)
-                log.info("projector round %d: loss on the %d held-back samples %.4f -> %.4f: %s", r, self.n_check,
-                         check["check_loss_before"], check["check_loss_after"],
+                log.info("projector round %d on the %d held-back samples: %s %.2f -> %.2f, answer loss %.4f -> %.4f; "
+                         "judged by the %s: %s", r, self.n_check, self.evaluator.task_score,
+                         check["check_score_before"], check["check_score_after"], check["check_loss_before"],
+                         check["check_loss_after"], "task score" if p.check == "score" else "loss",
                          "kept" if check["accepted"] else "rejected (the previous projector stays)")
             save_projector(path, self.model)
             info = {"round": r, "before_generation": generation, "policies": [t["id"] for t in top],
@@ -303,6 +312,13 @@ class SearchRun:
                      info["seconds"])
         self.rounds.append(info)
         self.current_round = r
+
+    def held_back(self, bank, policies: list[dict], when: str) -> dict:
+        """The held-back samples under each policy, averaged: the search's task score (%) and the answer loss."""
+        score = mean_over_policies(self.model, bank, policies,
+                                   lambda model: self.evaluator.score(self.check_samples, self.check_reference)[1])
+        return {f"check_score_{when}": score,
+                f"check_loss_{when}": check_loss(self.model, bank, policies, self.check_batches)}
 
     def projector_label(self) -> str:
         """Which projector the result carries: the last round whose training was kept (a rejected round leaves the

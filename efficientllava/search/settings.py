@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from efficientllava.host_memory import MAX_MMAP_THRESHOLD_MIB, HostMemoryError, check_threshold
 from efficientllava.policy import GRANULARITIES, BudgetError, choice_ratio, sorted_choices
-from efficientllava.projector import LOSSES
+from efficientllava.projector import CHECKS, LOSSES
 from efficientllava.search.evolution import EvolutionSettings
 from efficientllava.search.fitness import TASK_SCORES
 
@@ -35,6 +35,7 @@ class ProjectorSettings:
     batch_size: int = 64
     holdout: float = 0.0  # share of the N samples kept out of the loss to accept or reject each round
     loss: str = "answer"  # answer (gold labels, the paper's) or distill (KL to the dense model's answers)
+    check: str = "score"  # a round is kept if the held-back task score does not fall (score) or loss not rise (loss)
 
 
 @dataclass
@@ -182,9 +183,12 @@ def read_settings(cfg) -> SearchSettings:
         batch_size=_int(p, "batch_size", 64, minimum=1, where="search.projector"),
         holdout=_float(p, "holdout", 0.0, where="search.projector"),
         loss=str(p.get("loss", "answer")),
+        check=str(p.get("check", "score")),
     )
     if projector.loss not in LOSSES:
         _fail("search.projector.loss", projector.loss, f"one of {list(LOSSES)}")
+    if projector.check not in CHECKS:
+        _fail("search.projector.check", projector.check, f"one of {list(CHECKS)}")
     if not 0.0 <= projector.holdout < 1.0:
         _fail("search.projector.holdout", projector.holdout, "a share in [0, 1) of the N search samples")
     if projector.enabled and projector.top_k > evolution.population:
