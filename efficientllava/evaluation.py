@@ -211,7 +211,12 @@ def evaluate(model, processor, records, mode: str = "letter", batch_size: int = 
 
 
 class AccuracyTally:
-    """Hits per (record, mode), merged across devices by record id (DDP-exact); used by every Lightning module."""
+    """Hits per (record, mode), merged across devices by record id (DDP-exact); used by every Lightning module.
+
+    Besides the accuracies, `compute` gives the share of predictions that pick the first option (`first`, `first_ll`,
+    overall and per category) next to the share of records whose answer is the first option (`answer_first`): a
+    model that has not bound its answer to a letter falls back on "A", which shows as `first` far above
+    `answer_first` (the toy benchmark draws the answer's position uniformly)."""
 
     def __init__(self, categories: list[str], modes=MODES):
         for mode in modes:
@@ -234,7 +239,9 @@ class AccuracyTally:
                                  f"expected one of {self.categories}")
         for i, record in enumerate(records):
             hits = tuple(bool(p[i] == record["answer"]) for p in preds)
-            self.records[record["id"]] = (self.categories.index(record["category"]), hits)
+            firsts = tuple(bool(p[i] == 0) for p in preds)
+            self.records[record["id"]] = (self.categories.index(record["category"]), hits, firsts,
+                                          record["answer"] == 0)
 
     def compute(self, module: pl.LightningModule | None = None) -> dict[str, float]:
         """Accuracies in %; `acc` is letter scoring, `acc_ll` likelihood scoring. Merges devices under DDP."""
@@ -242,18 +249,27 @@ class AccuracyTally:
         if module is not None and module.trainer is not None and module.trainer.world_size > 1:
             records = gather_by_id(records)
         hits = torch.zeros(len(self.modes), len(self.categories), dtype=torch.long)
-        count = torch.zeros_like(hits)
-        for c, record_hits in records.values():
-            for m, hit in enumerate(record_hits):
+        firsts, count = torch.zeros_like(hits), torch.zeros_like(hits)
+        answer_first = torch.zeros(len(self.categories), dtype=torch.long)
+        for c, record_hits, record_firsts, is_first in records.values():
+            answer_first[c] += int(is_first)
+            for m, (hit, first) in enumerate(zip(record_hits, record_firsts)):
                 hits[m, c] += int(hit)
+                firsts[m, c] += int(first)
                 count[m, c] += 1
+
+        def shares(key: str, values: torch.Tensor, n: torch.Tensor) -> None:
+            results[key] = 100.0 * values.sum().item() / max(n.sum().item(), 1)
+            for c, category in enumerate(self.categories):
+                if n[c] > 0:
+                    results[f"{key}/{category}"] = 100.0 * values[c].item() / n[c].item()
+
         results: dict[str, float] = {}
         for m, mode in enumerate(self.modes):
-            key = "acc" if mode == "letter" else "acc_ll"
-            results[key] = 100.0 * hits[m].sum().item() / max(count[m].sum().item(), 1)
-            for c, category in enumerate(self.categories):
-                if count[m, c] > 0:
-                    results[f"{key}/{category}"] = 100.0 * hits[m, c].item() / count[m, c].item()
+            suffix = "" if mode == "letter" else "_ll"
+            shares(f"acc{suffix}", hits[m], count[m])
+            shares(f"first{suffix}", firsts[m], count[m])
+        shares("answer_first", answer_first, count[0])
         results["n"] = int(count[0].sum().item())
         self.reset()
         return results

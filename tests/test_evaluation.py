@@ -72,6 +72,25 @@ def test_per_category_breakdown(processor, test_records):
         assert result[f"acc/{category}"] == pytest.approx(100.0 * sum(r["answer"] == 0 for r in rows) / len(rows))
 
 
+def test_tally_reports_how_often_the_first_option_is_picked_and_is_the_answer():
+    """first: share of predictions at option A, per mode and category; answer_first: share of records whose answer
+    is option A. Known predictions give known shares."""
+    from efficientllava.evaluation import AccuracyTally
+
+    records = [{"id": i, "category": c, "answer": a, "choices": ["x", "y", "z"]}
+               for i, (c, a) in enumerate([("rel", 0), ("rel", 1), ("rel", 2), ("rel", 1), ("cnt", 0), ("cnt", 2)])]
+    tally = AccuracyTally(["cnt", "rel"], modes=["letter", "likelihood"])
+    letter = [0, 0, 0, 0, 2, 2]  # always A on rel: right once in four
+    likelihood = [0, 1, 2, 0, 0, 1]
+    tally.add(records, [letter, likelihood])
+    r = tally.compute()
+    assert r["acc/rel"] == 25.0 and r["first/rel"] == 100.0 and r["answer_first/rel"] == 25.0
+    assert r["first/cnt"] == 0.0 and r["acc/cnt"] == 50.0 and r["answer_first/cnt"] == 50.0
+    assert r["first"] == pytest.approx(100 * 4 / 6) and r["answer_first"] == pytest.approx(100 * 2 / 6)
+    assert r["acc_ll/rel"] == 75.0 and r["first_ll/rel"] == 50.0 and r["first_ll/cnt"] == 50.0
+    assert r["n"] == 6
+
+
 def test_unknown_mode(processor, test_records):
     model = ConstantModel(len(processor.tokenizer), 0)
     with pytest.raises(ValueError, match="evaluation mode 'greedy' is unknown"):

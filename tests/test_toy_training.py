@@ -256,5 +256,5 @@ def test_validation_in_the_scenes_stage_reads_the_scene_not_the_pixels(test_reco
         module.validation_step(records, 0)
         hits.append(dict(module.tally.records))
         module.tally.reset()
-    assert hits[0] == hits[1] == {r["id"]: (module.tally.categories.index(r["category"]), (e == r["answer"],))
-                                  for r, e in zip(records, expected)}
+    assert hits[0] == hits[1] == {r["id"]: (module.tally.categories.index(r["category"]), (e == r["answer"],),
+                                            (e == 0,), r["answer"] == 0) for r, e in zip(records, expected)}
