@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from efficientllava.models import load_llava
 from efficientllava.projector import load_projector_state, projector_state
 from efficientllava.search.fitness import SearchSamples, choice_outcomes, choice_probabilities, task_scores
-from efficientllava.search.loop import load_records
+from efficientllava.search.loop import held_back_count, load_records
 from efficientllava.search.settings import read_settings
 
 
@@ -44,7 +44,7 @@ def run_effect(run: Path) -> dict:
     dense, processor = load_llava(summary["model"], device="cpu")
     search, heldout = load_records(cfg, settings, processor)
     scoring, batch = str(cfg.get("scoring", "letter")), settings.eval_batch_size
-    n_check = round(settings.projector.holdout * len(search))
+    n_check = held_back_count(settings, len(search))
     heldout_samples = SearchSamples.build(heldout, processor, batch, scoring=scoring)
     check = SearchSamples.build(search[len(search) - n_check:], processor, batch, scoring=scoring) if n_check else None
     reference = choice_probabilities(dense, check) if check is not None else None

@@ -261,17 +261,14 @@ class FitnessEvaluator:
             log.info("search.task_score=%s: open-ended search samples are scored by VQA accuracy", self.task_score)
             self.task_score = "accuracy"
         self.table = log_norm_table(bank)
-        self.reference = None
-        if self.task_score == "agreement":
-            bank.restore(model)
-            self.reference = choice_probabilities(model, samples)
+        self.reference = self.reference_on(samples)
 
     def generalization(self, ratios: dict) -> float:
         return generalization_term(self.table, ratios)
 
     def reference_on(self, samples: SearchSamples) -> list[torch.Tensor] | None:
-        """The dense model's option probabilities on other samples (the reference `score` needs for them under
-        agreement; None for the other task scores). Restores the bank: call it before the projector changes."""
+        """The dense model's option probabilities on `samples` (the reference `score` needs under agreement; None
+        for the other task scores). Restores the bank: call it before the projector changes."""
         if self.task_score != "agreement":
             return None
         self.bank.restore(self.model)

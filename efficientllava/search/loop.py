@@ -83,6 +83,11 @@ def accuracy_by_category(model, samples: SearchSamples) -> dict:
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
+def held_back_count(settings: SearchSettings, n_search: int) -> int:
+    """How many of the N search samples (the last ones) judge each projector round; 0 without rounds."""
+    return round(settings.projector.holdout * n_search) if settings.projector.enabled else 0
+
+
 class SearchRun:
     def __init__(self, cfg, run_dir: str | Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -102,7 +107,7 @@ class SearchRun:
             sample_metric(self.search_records + self.heldout_records)
         except ValueError as err:
             raise SettingsError(f"data: {err}") from None
-        self.n_check = round(s.projector.holdout * len(self.search_records)) if s.projector.enabled else 0
+        self.n_check = held_back_count(s, len(self.search_records))
         if s.projector.enabled and s.projector.holdout > 0 and not 1 <= self.n_check < len(self.search_records):
             raise SettingsError(f"search.projector.holdout is {s.projector.holdout}: {self.n_check} of the "
                                 f"{len(self.search_records)} search samples; expected a share that keeps at least "
