@@ -166,10 +166,12 @@ class Policy:
             if not isinstance(ratios, dict) or set(ratios) - {"mlp", "attn"}:
                 raise PolicyMismatchError(f"policy structure for block {path!r} is {ratios!r}; expected "
                                           "{'mlp': ratio, 'attn': ratio}")
-            for key, value in ratios.items():
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            for key, value in ratios.items():  # mlp 1.0 removes the block's whole MLP; attention keeps a group
+                whole = key == "mlp"
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                        0 <= value <= 1 if whole else 0 <= value < 1):
                     raise PolicyMismatchError(f"policy asks block {path!r} for {key} ratio {value!r}; expected a "
-                                              "ratio in [0, 1) (the fraction removed)")
+                                              f"ratio in {'[0, 1]' if whole else '[0, 1)'} (the fraction removed)")
 
     def _check_tokens(self) -> None:
         if not self.tokens:

@@ -63,6 +63,25 @@ def test_joint_search_writes_speed_columns_and_a_loadable_shrunk_model(tiny, tmp
         loop.run_search(cfg, tmp_path)
 
 
+def test_whole_mlp_removal_is_timed_searched_and_saved_with_zero_channels(tiny, tmp_path):
+    from efficientllava.models import load_llava
+    from efficientllava.pruning.structured import decoder_geometry
+
+    cfg = compose_search(tiny + ["search.init_policy=null", "search.eta=0", "search.structure.mlp_choices=[0.0,1.0]",
+                                 "search.structure.attn_choices=[0.0]", "search.tokens.enabled=false"])
+    summary = loop.run_search(cfg, tmp_path)
+    table = json.loads((tmp_path / "latency_table.json").read_text())
+    for entries in table["mlp"].values():  # every block signature timed at 0 channels and at its dense width
+        assert {key.rsplit(":", 1)[1] for key in entries} == {"0", "352"}
+        assert all(v > 0 for v in entries.values())
+    rows = json.loads((tmp_path / "pareto.json").read_text())["candidates"]
+    assert any(r["policy"]["structure"][p]["mlp"] == 1.0 for r in rows for p in r["policy"]["structure"])
+    model, _ = load_llava(tmp_path / "pruned_model", device="cpu")
+    widths = {p: g.intermediate for p, g in decoder_geometry(model).items()}
+    chosen = summary["pruned"]["structure"]  # the blocks the best policy shrinks (none here may be shrunk)
+    assert widths == {p: 0 if chosen.get(p, {}).get("mlp") == 1.0 else 352 for p in widths}
+
+
 @pytest.fixture
 def no_bank(monkeypatch):
     def fail(*args, **kwargs):

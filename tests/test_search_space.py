@@ -78,7 +78,8 @@ def test_policy_with_structure_and_tokens_round_trips(toy, tmp_path):
 
 
 @pytest.mark.parametrize("structure, tokens, match", [
-    ({"model.language_model.layers.0": {"mlp": 1.2}}, {}, r"mlp ratio 1.2; expected a ratio in \[0, 1\)"),
+    ({"model.language_model.layers.0": {"mlp": 1.2}}, {}, r"mlp ratio 1.2; expected a ratio in \[0, 1\]"),
+    ({"model.language_model.layers.0": {"attn": 1.0}}, {}, r"attn ratio 1.0; expected a ratio in \[0, 1\)"),
     ({"model.language_model.layers.7": {"mlp": 0.5}}, {}, "not a decoder block"),
     ({}, {"layer": 5, "keep": 0.5}, r"K=5, but the language model has 4 decoder layers"),
     ({}, {"layer": 1, "keep": 0.0}, r"keep ratio R is 0.0, outside \(0, 1\]"),
@@ -93,8 +94,12 @@ def test_choices_that_break_gqa_or_exceed_the_layers_are_refused(toy):
         StructureChoices(decoder_geometry(toy), MLP, [0.0, 0.25])
     with pytest.raises(TokenPruningError, match=r"K=4, but the language model has 4 decoder layers"):
         TokenChoices(4, [1, 4], [0.5])
-    with pytest.raises(StructureError, match=r"structure.mlp_choices holds 1.0; expected ratios in \[0, 1\)"):
-        StructureChoices(decoder_geometry(toy), [0.0, 1.0], [0.0])
+    with pytest.raises(StructureError, match=r"structure.mlp_choices holds 1.5; expected ratios in \[0, 1\]"):
+        StructureChoices(decoder_geometry(toy), [0.0, 1.5], [0.0])
+    with pytest.raises(StructureError, match=r"structure.attn_choices holds 1.0; expected ratios in \[0, 1\)"):
+        StructureChoices(decoder_geometry(toy), [0.0], [0.0, 1.0])
+    whole = StructureChoices(decoder_geometry(toy), [0.0, 1.0], [0.0])  # 1.0: a block's whole MLP removed
+    assert {tuple(c) for c in whole.channels.values()} == {(352, 0)}
 
 
 def compose_search(overrides):
@@ -121,6 +126,8 @@ def test_the_default_search_has_structure_tokens_and_a_latency_budget():
     (["search.tokens.layers=[1.5]"], r"tokens.layers|layers holds 1.5; expected integers"),
     (["search=uniform", "search.latency.min_speedup=2"], "sets a latency budget, but search.structure.enabled"),
     (["search.shared=true"], "search.shared is true but search.latency.table is null"),
+    (["search.structure.mlp_choices=[0.0,0.5,1.0]"], r"holds 1.0 .* with search.eta=0.01: .* expected search.eta=0"),
+    (["search.structure.mlp_choices=[0.0,0.5,1.0]", "search.eta=0"], None),
 ])
 def test_bad_acceleration_settings_name_the_key(overrides, match):
     cfg = compose_search(overrides).search

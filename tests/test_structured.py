@@ -91,8 +91,9 @@ def test_fluctuation_scores_a_constant_input_zero_and_wanda_does_not():
 
 @pytest.mark.parametrize("plan, match", [
     ({"model.language_model.layers.0": {"attn": 0.25}}, r"removes 1 of 4 query heads.*groups of 2.*one of \[0.0, 0.5\]"),
-    ({"model.language_model.layers.0": {"mlp": 1.0}}, r"MLP ratio is 1.0; expected a ratio in \[0, 1\)"),
-    ({"model.language_model.layers.0": {"mlp": 0.999}}, "removes all 352 channels"),
+    ({"model.language_model.layers.0": {"mlp": 1.5}}, r"MLP ratio is 1.5; expected a ratio in \[0, 1\]"),
+    ({"model.language_model.layers.0": {"attn": 1.0}}, r"attention ratio is 1.0; expected a ratio in \[0, 1\)"),
+    ({"model.language_model.layers.0": {"mlp": 0.999}}, "removes all 352 channels.*or 1.0 to remove the whole MLP"),
     ({"model.language_model.layers.9": {"mlp": 0.5}}, "'model.language_model.layers.9', which is not a decoder block"),
     ({"model.language_model.layers.0": {"ffn": 0.5}}, r"expected a mapping with keys from \['mlp', 'attn'\]"),
     ([0.5], "structure plan is a list"),
@@ -136,6 +137,37 @@ def test_shrunk_model_saves_and_loads_back_with_its_outputs(toy_and_batches, tmp
     assert type(loaded) is LlavaForConditionalGeneration
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # the stock loader cannot hold the sizes
         LlavaForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_mlp_ratio_one_removes_the_whole_mlp_leaving_its_calibration_mean(toy_and_batches, tmp_path):
+    model, processor, batches = toy_and_batches
+    model = copy.deepcopy(model)
+    path = list(decoder_geometry(model))[3]
+    scores = compute_importance(model, batches, "flap")
+    counts = check_plan(model, {path: {"mlp": 1.0}})
+    assert counts[path]["mlp"] == 0
+    masker = StructureMasker(model, scores)
+    with torch.no_grad():
+        masker.set(counts)
+        masked = model(**inputs(batches[0])).logits
+        masker.remove()
+        shrink_model(model, {path: {"mlp": 1.0}}, scores=scores)
+        shrunk = model(**inputs(batches[0])).logits
+        mlp = model.get_submodule(path).mlp
+        assert (mlp.gate_proj.out_features, mlp.down_proj.in_features) == (0, 0)
+        hidden = torch.randn(2, 5, 128)
+        mean_output = mlp.down_proj.weight.new_zeros(128) + mlp.down_proj.bias
+        assert torch.equal(mlp(hidden), mean_output.expand(2, 5, 128))  # a constant: the MLP's calibration mean
+        # ... which is down_proj's dense weight applied to its mean input
+        dense_down = toy_and_batches[0].get_submodule(path).mlp.down_proj.weight
+        assert torch.allclose(mlp.down_proj.bias, dense_down @ scores[path].mlp_mean.float(), atol=1e-5)
+    assert torch.allclose(masked, shrunk, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = load_shrunk(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["efficientllava_structure"]["blocks"][path][
+        "intermediate"] == 0
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs(batches[0])).logits, shrunk)
 
 
 def test_loading_weights_that_do_not_match_the_recorded_sizes_is_refused(toy_and_batches, tmp_path):

@@ -30,6 +30,7 @@ safetensors weights, refusing weights whose shapes do not match the record. A st
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,22 +113,27 @@ def decoder_geometry(model: nn.Module) -> dict[str, BlockGeometry]:
 
 
 # ---- plans: per-block ratios -> unit counts ---------------------------------------------------------------------
-def check_ratio(value, what: str) -> float:
+def check_ratio(value, what: str, whole: bool = False) -> float:
+    """A removed fraction in [0, 1); with `whole`, 1.0 (remove the whole part) is allowed too."""
+    span = "[0, 1]" if whole else "[0, 1)"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise StructureError(f"{what} is {value!r}; expected a ratio in [0, 1)")
-    if not 0 <= float(value) < 1:
-        raise StructureError(f"{what} is {value!r}; expected a ratio in [0, 1) (the fraction removed)")
+        raise StructureError(f"{what} is {value!r}; expected a ratio in {span}")
+    if not (0 <= float(value) <= 1 if whole else 0 <= float(value) < 1):
+        raise StructureError(f"{what} is {value!r}; expected a ratio in {span} (the fraction removed)")
     return float(value)
 
 
 def kept_channels(geometry: BlockGeometry, ratio: float, multiple: int = 1) -> int:
-    """MLP channels kept at `ratio` removed; the removed count is rounded to a multiple of `multiple`."""
-    ratio = check_ratio(ratio, f"block {geometry.path!r}: MLP ratio")
+    """MLP channels kept at `ratio` removed; the removed count is rounded to a multiple of `multiple`. Ratio 1.0
+    removes the block's whole MLP (0 channels: with compensation the MLP's output becomes its calibration mean)."""
+    ratio = check_ratio(ratio, f"block {geometry.path!r}: MLP ratio", whole=True)
+    if ratio == 1.0:
+        return 0
     removed = int(round(ratio * geometry.intermediate / multiple)) * multiple
     kept = geometry.intermediate - removed
     if kept < 1:
         raise StructureError(f"block {geometry.path!r}: MLP ratio {ratio} removes all {geometry.intermediate} "
-                             "channels; expected a ratio that keeps at least one")
+                             "channels; expected a ratio that keeps at least one, or 1.0 to remove the whole MLP")
     return kept
 
 
@@ -235,9 +241,16 @@ def compute_importance(model: nn.Module, batches, method: str = "flap", paths=No
 
 
 # ---- shrinking one block ----------------------------------------------------------------------------------------
+def new_linear(in_f: int, out_f: int, bias: bool, like: nn.Linear) -> nn.Linear:
+    """An nn.Linear on `like`'s device and dtype; zero-width ones (a removed MLP) without torch's no-op-init
+    warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        return nn.Linear(in_f, out_f, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
+
+
 def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=old.weight.device,
-                    dtype=old.weight.dtype)
+    new = new_linear(weight.shape[1], weight.shape[0], bias is not None, old)
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
@@ -433,12 +446,12 @@ def rebuild(model: nn.Module, record: dict) -> None:
         g = geometry[path]
         attn, mlp = _parts(model.get_submodule(path), path)
         heads, kv, inter = int(sizes["heads"]), int(sizes["kv_heads"]), int(sizes["intermediate"])
-        if kv < 1 or heads % kv or heads // kv != g.group or inter < 1:
+        if kv < 1 or heads % kv or heads // kv != g.group or inter < 0:
             raise ShrunkModelError(f"block {path!r} is recorded with {heads} heads / {kv} KV heads / {inter} "
-                                   f"channels; expected whole KV groups of {g.group} heads and at least one channel")
+                                   f"channels; expected whole KV groups of {g.group} heads and a channel count >= 0")
 
         def empty(old: nn.Linear, out_f: int, in_f: int, bias: bool) -> nn.Linear:
-            return nn.Linear(in_f, out_f, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
+            return new_linear(in_f, out_f, bias, old)
 
         d, h = g.head_dim, g.hidden
         attn.q_proj = empty(attn.q_proj, heads * d, h, attn.q_proj.bias is not None)

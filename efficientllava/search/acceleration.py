@@ -95,6 +95,12 @@ def read_acceleration(search_cfg) -> AccelerationSettings:
     if s.structure:
         s.mlp_choices = _number_list(st, "mlp_choices")
         s.attn_choices = _number_list(st, "attn_choices")
+        eta = search_cfg.get("eta", 0.0)
+        if 1.0 in s.mlp_choices and isinstance(eta, (int, float)) and eta > 0:
+            raise SettingsError(
+                f"search.structure.mlp_choices holds 1.0 (a block's whole MLP removed) with search.eta={eta}: the "
+                "generalization term sums log(||W_pruned|| / ||W_dense||), which is -inf for a removed MLP and would "
+                "rank such candidates first whatever they score; expected search.eta=0 or MLP ratios below 1.0")
         s.importance = st.get("importance", "flap")
         if s.importance not in IMPORTANCE:
             raise SettingsError(f"search.structure.importance is {s.importance!r}; expected one of {list(IMPORTANCE)}")

@@ -43,18 +43,20 @@ class StructureChoices:
     multiple: int = 1
 
     def __post_init__(self):
-        self.mlp, self.attn = _ratios(self.mlp, "structure.mlp_choices"), _ratios(self.attn, "structure.attn_choices")
+        self.mlp = _ratios(self.mlp, "structure.mlp_choices", whole=True)  # 1.0: the block's MLP removed
+        self.attn = _ratios(self.attn, "structure.attn_choices")
         self.channels = {p: [kept_channels(g, r, self.multiple) for r in self.mlp] for p, g in self.geometry.items()}
         self.groups = {p: [kept_groups(g, r) for r in self.attn] for p, g in self.geometry.items()}
 
 
-def _ratios(values, key: str) -> list[float]:
+def _ratios(values, key: str, whole: bool = False) -> list[float]:
+    span = "[0, 1]" if whole else "[0, 1)"
     values = list(values or [])
     if not values:
-        raise StructureError(f"{key} is empty; expected a list of ratios in [0, 1), e.g. [0.0, 0.25, 0.5]")
+        raise StructureError(f"{key} is empty; expected a list of ratios in {span}, e.g. [0.0, 0.25, 0.5]")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-            raise StructureError(f"{key} holds {v!r}; expected ratios in [0, 1) (the fraction removed)")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v <= 1 if whole else 0 <= v < 1):
+            raise StructureError(f"{key} holds {v!r}; expected ratios in {span} (the fraction removed)")
     return sorted({float(v) for v in values})
 
 
