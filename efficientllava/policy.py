@@ -158,6 +158,8 @@ class Policy:
     def _check_structure(self) -> None:
         if not self.structure:
             return
+        from efficientllava.pruning.structured import is_ratio, ratio_span
+
         blocks = set(self.blocks())
         for path, ratios in self.structure.items():
             if path not in blocks:
@@ -167,11 +169,9 @@ class Policy:
                 raise PolicyMismatchError(f"policy structure for block {path!r} is {ratios!r}; expected "
                                           "{'mlp': ratio, 'attn': ratio}")
             for key, value in ratios.items():  # mlp 1.0 removes the block's whole MLP; attention keeps a group
-                whole = key == "mlp"
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                        0 <= value <= 1 if whole else 0 <= value < 1):
+                if not is_ratio(value, whole=key == "mlp"):
                     raise PolicyMismatchError(f"policy asks block {path!r} for {key} ratio {value!r}; expected a "
-                                              f"ratio in {'[0, 1]' if whole else '[0, 1)'} (the fraction removed)")
+                                              f"ratio in {ratio_span(key == 'mlp')} (the fraction removed)")
 
     def _check_tokens(self) -> None:
         if not self.tokens:

@@ -113,13 +113,20 @@ def decoder_geometry(model: nn.Module) -> dict[str, BlockGeometry]:
 
 
 # ---- plans: per-block ratios -> unit counts ---------------------------------------------------------------------
-def check_ratio(value, what: str, whole: bool = False) -> float:
-    """A removed fraction in [0, 1); with `whole`, 1.0 (remove the whole part) is allowed too."""
-    span = "[0, 1]" if whole else "[0, 1)"
+def ratio_span(whole: bool = False) -> str:
+    return "[0, 1]" if whole else "[0, 1)"
+
+
+def is_ratio(value, whole: bool = False) -> bool:
+    """A removed fraction in [0, 1); with `whole` (an MLP: ratio 1.0 removes all of it) in [0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise StructureError(f"{what} is {value!r}; expected a ratio in {span}")
-    if not (0 <= float(value) <= 1 if whole else 0 <= float(value) < 1):
-        raise StructureError(f"{what} is {value!r}; expected a ratio in {span} (the fraction removed)")
+        return False
+    return 0 <= value <= 1 if whole else 0 <= value < 1
+
+
+def check_ratio(value, what: str, whole: bool = False) -> float:
+    if not is_ratio(value, whole):
+        raise StructureError(f"{what} is {value!r}; expected a ratio in {ratio_span(whole)} (the fraction removed)")
     return float(value)
 
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from efficientllava.policy import BudgetError, ModelIdentity, Policy, SearchSpace
-from efficientllava.pruning.structured import BlockGeometry, StructureError, kept_channels, kept_groups
+from efficientllava.pruning.structured import (BlockGeometry, StructureError, is_ratio, kept_channels, kept_groups,
+                                               ratio_span)
 from efficientllava.token_pruning import TokenPruningError, check_keep, check_layer
 
 
@@ -50,13 +51,12 @@ class StructureChoices:
 
 
 def _ratios(values, key: str, whole: bool = False) -> list[float]:
-    span = "[0, 1]" if whole else "[0, 1)"
     values = list(values or [])
     if not values:
-        raise StructureError(f"{key} is empty; expected a list of ratios in {span}, e.g. [0.0, 0.25, 0.5]")
+        raise StructureError(f"{key} is empty; expected a list of ratios in {ratio_span(whole)}, e.g. [0.0, 0.25, 0.5]")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v <= 1 if whole else 0 <= v < 1):
-            raise StructureError(f"{key} holds {v!r}; expected ratios in {span} (the fraction removed)")
+        if not is_ratio(v, whole):
+            raise StructureError(f"{key} holds {v!r}; expected ratios in {ratio_span(whole)} (the fraction removed)")
     return sorted({float(v) for v in values})
 
 
