@@ -257,6 +257,7 @@ class AccuracyTally:
                 hits[m, c] += int(hit)
                 firsts[m, c] += int(first)
                 count[m, c] += 1
+        results: dict[str, float] = {}
 
         def shares(key: str, values: torch.Tensor, n: torch.Tensor) -> None:
             results[key] = 100.0 * values.sum().item() / max(n.sum().item(), 1)
@@ -264,7 +265,6 @@ class AccuracyTally:
                 if n[c] > 0:
                     results[f"{key}/{category}"] = 100.0 * values[c].item() / n[c].item()
 
-        results: dict[str, float] = {}
         for m, mode in enumerate(self.modes):
             suffix = "" if mode == "letter" else "_ll"
             shares(f"acc{suffix}", hits[m], count[m])

@@ -457,17 +457,14 @@ def rebuild(model: nn.Module, record: dict) -> None:
             raise ShrunkModelError(f"block {path!r} is recorded with {heads} heads / {kv} KV heads / {inter} "
                                    f"channels; expected whole KV groups of {g.group} heads and a channel count >= 0")
 
-        def empty(old: nn.Linear, out_f: int, in_f: int, bias: bool) -> nn.Linear:
-            return new_linear(in_f, out_f, bias, old)
-
         d, h = g.head_dim, g.hidden
-        attn.q_proj = empty(attn.q_proj, heads * d, h, attn.q_proj.bias is not None)
-        attn.k_proj = empty(attn.k_proj, kv * d, h, attn.k_proj.bias is not None)
-        attn.v_proj = empty(attn.v_proj, kv * d, h, attn.v_proj.bias is not None)
-        attn.o_proj = empty(attn.o_proj, h, heads * d, bool(sizes["o_proj_bias"]))
-        mlp.gate_proj = empty(mlp.gate_proj, inter, h, mlp.gate_proj.bias is not None)
-        mlp.up_proj = empty(mlp.up_proj, inter, h, mlp.up_proj.bias is not None)
-        mlp.down_proj = empty(mlp.down_proj, h, inter, bool(sizes["down_proj_bias"]))
+        attn.q_proj = new_linear(h, heads * d, attn.q_proj.bias is not None, attn.q_proj)
+        attn.k_proj = new_linear(h, kv * d, attn.k_proj.bias is not None, attn.k_proj)
+        attn.v_proj = new_linear(h, kv * d, attn.v_proj.bias is not None, attn.v_proj)
+        attn.o_proj = new_linear(heads * d, h, bool(sizes["o_proj_bias"]), attn.o_proj)
+        mlp.gate_proj = new_linear(h, inter, mlp.gate_proj.bias is not None, mlp.gate_proj)
+        mlp.up_proj = new_linear(h, inter, mlp.up_proj.bias is not None, mlp.up_proj)
+        mlp.down_proj = new_linear(inter, h, bool(sizes["down_proj_bias"]), mlp.down_proj)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = inter
 
