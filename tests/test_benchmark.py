@@ -79,3 +79,33 @@ def test_held_out_handwriting_is_disjoint_from_training():
 def test_bad_sizes(sizes, tmp_path):
     with pytest.raises(ValueError, match="split"):
         build_toy_benchmark(0, sizes, cache_dir=tmp_path)
+
+
+def test_train_categories_restrict_only_the_train_split(small_benchmark):
+    """`data.train_categories` (an ablation: what a model learns from) keeps only those categories in the batches
+    it trains on; validation and test keep every category."""
+    from efficientllava.data.datamodule import BenchmarkDataModule
+    from efficientllava.toy_model import ToyArchitecture, build_toy_llava
+
+    _, processor = build_toy_llava(ToyArchitecture(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
+                                                   vision_hidden=32, vision_layers=1, vision_heads=2,
+                                                   vision_intermediate=64), seed=0)
+    data = BenchmarkDataModule(lambda: small_benchmark, processor, batch_size=4,
+                               train_categories=["relation", "digit"])
+    train = data.train_records()
+    expected = sum(c in ("relation", "digit") for c in small_benchmark["train"]["category"])
+    assert expected > 0 and len(train) == expected
+    assert set(train["category"]) == {"relation", "digit"}
+    seen = {r["category"] for batch in data.train_dataloader() for r in batch["records"]}
+    assert seen == {"relation", "digit"}
+    assert len(data.categories()) == 8 and len(data.split("val")) == len(small_benchmark["val"])
+    assert len(BenchmarkDataModule(lambda: small_benchmark, processor).train_records()) == 64
+
+
+@pytest.mark.parametrize("categories, message", [(["relation", "colours"], r"\['colours'\] are not in the train split"),
+                                                 ([], "train_categories is empty")])
+def test_bad_train_categories(small_benchmark, categories, message):
+    from efficientllava.data.datamodule import BenchmarkDataModule
+
+    with pytest.raises(ValueError, match=message):
+        BenchmarkDataModule(lambda: small_benchmark, None, train_categories=categories).train_records()

@@ -68,6 +68,7 @@ class BenchmarkDataModule(pl.LightningDataModule):
         n_test: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        train_categories: list[str] | None = None,
     ):
         super().__init__()
         self.build, self.processor = build, processor
@@ -76,6 +77,9 @@ class BenchmarkDataModule(pl.LightningDataModule):
         self.val_split, self.test_split = val_split, test_split
         self.n_val, self.n_test = n_val, n_test
         self.num_workers, self.seed = num_workers, seed
+        self.train_categories = None if train_categories is None else [str(c) for c in train_categories]
+        if self.train_categories is not None and not self.train_categories:
+            raise ValueError("train_categories is empty; expected null (every category) or a list of category names")
         self.dataset = None
 
     def setup(self, stage: str | None = None):
@@ -94,13 +98,26 @@ class BenchmarkDataModule(pl.LightningDataModule):
     def categories(self, split: str | None = None) -> list[str]:
         return sorted(set(self.split(split or self.test_split)["category"]))
 
+    def train_records(self):
+        """The train split, restricted to `train_categories` when given (an ablation: which categories a model
+        learns from); validation and test keep every category."""
+        train = self.split("train")
+        if self.train_categories is None:
+            return train
+        present = set(train.unique("category"))
+        missing = sorted(set(self.train_categories) - present)
+        if missing:
+            raise ValueError(f"train_categories {missing} are not in the train split; it has {sorted(present)}")
+        keep = set(self.train_categories)
+        return train.filter(lambda category: category in keep, input_columns="category")
+
     def train_dataloader(self):
         if self.processor is None:
             raise ValueError("BenchmarkDataModule needs a processor to build training batches")
         collator, curriculum = Collator(self.processor), self.curriculum
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            RecordList(self.split("train")),
+            RecordList(self.train_records()),
             batch_size=self.batch_size,
             shuffle=True,
             drop_last=True,
