@@ -109,3 +109,36 @@ def test_bad_train_categories(small_benchmark, categories, message):
 
     with pytest.raises(ValueError, match=message):
         BenchmarkDataModule(lambda: small_benchmark, None, train_categories=categories).train_records()
+
+
+def test_relations_restrict_the_relation_words_asked():
+    relation_words = re.compile(r"(left of|right of|above|below)")
+    full = generate_split("val", 400, 0)
+    asked = {m for q in full["question"] for m in relation_words.findall(q)}
+    assert asked == {"left of", "right of", "above", "below"}
+    one_per_axis = generate_split("val", 400, 0, ["left of", "above"])
+    kinds = collections.Counter(
+        m for q, c in zip(one_per_axis["question"], one_per_axis["category"])
+        if c in ("relation", "count_relation") for m in relation_words.findall(q)
+    )
+    assert set(kinds) == {"left of", "above"} and min(kinds.values()) > 10
+
+
+def test_default_relations_keep_the_cache_key_and_others_get_their_own(tmp_path):
+    import hashlib
+    import json
+
+    from efficientllava.data.toy_benchmark import BENCHMARK_VERSION
+
+    build_toy_benchmark(3, {"val": 8}, cache_dir=tmp_path)
+    build_toy_benchmark(3, {"val": 8}, cache_dir=tmp_path, relations=["left of", "right of", "above", "below"])
+    key = hashlib.sha1(json.dumps([BENCHMARK_VERSION, 3, [["val", 8]]]).encode()).hexdigest()[:12]
+    assert [p.name for p in tmp_path.iterdir()] == [f"toy_benchmark-{key}"]
+    build_toy_benchmark(3, {"val": 8}, cache_dir=tmp_path, relations=["left of"])
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize("relations", [[], ["left"], ["above", "above"]])
+def test_bad_relations(relations, tmp_path):
+    with pytest.raises(ValueError, match="expected some of"):
+        build_toy_benchmark(0, {"val": 4}, cache_dir=tmp_path, relations=relations)

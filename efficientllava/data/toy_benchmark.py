@@ -32,8 +32,8 @@ COLOUR_NAMES = tuple(COLOURS)
 class _Scene:
     """Places objects in distinct cells of the grid."""
 
-    def __init__(self, rng: np.random.Generator, pool: str):
-        self.rng, self.pool = rng, pool
+    def __init__(self, rng: np.random.Generator, pool: str, relations: tuple[str, ...] = RELATIONS):
+        self.rng, self.pool, self.relations = rng, pool, relations
         self.free = [int(c) for c in rng.permutation(16)]
         self.objects: list[Obj] = []
 
@@ -114,7 +114,7 @@ def _position(s: _Scene):
 
 def _relation(s: _Scene):
     ca, cb = (str(c) for c in s.rng.choice(COLOUR_NAMES, size=2, replace=False))
-    relation = s._pick(RELATIONS)
+    relation = s._pick(s.relations)
     horizontal = relation in ("left of", "right of")
     while True:  # the two objects must differ along the asked axis
         cells = [int(c) for c in s.rng.choice(16, size=2, replace=False)]
@@ -138,7 +138,7 @@ def _count_relation(s: _Scene):
     colour = s._pick(COLOUR_NAMES)
     ref = s.add_shape(s._pick(SHAPES), colour)
     others = s.add_random_shapes(int(s.rng.integers(1, 7)), colours=_others(COLOUR_NAMES, colour))
-    relation = s._pick(RELATIONS)
+    relation = s._pick(s.relations)
     count = sum(_holds(o, relation, ref) for o in others)
     return f"How many objects are {relation} the {ref.name}?", str(count), tuple(str(i) for i in range(7))
 
@@ -178,15 +178,31 @@ def _choices(rng: np.random.Generator, category: str, answer: str, space: tuple[
     return options, position
 
 
-def generate_split(split: str, n: int, seed: int) -> dict[str, list]:
-    """n records of one split; the same (split, n, seed) always gives the same records."""
+def check_relations(relations) -> tuple[str, ...]:
+    """The relation words the relation and count_relation questions ask: a non-empty subset of RELATIONS
+    (None: all four)."""
+    if relations is None:
+        return RELATIONS
+    relations = tuple(str(r) for r in relations)
+    unknown = [r for r in relations if r not in RELATIONS]
+    if not relations or unknown or len(set(relations)) != len(relations):
+        raise ValueError(
+            f"toy benchmark relations {list(relations)} are not a non-empty list of distinct relation words; "
+            f"expected some of {list(RELATIONS)} (or null for all)"
+        )
+    return relations
+
+
+def generate_split(split: str, n: int, seed: int, relations=None) -> dict[str, list]:
+    """n records of one split; the same (split, n, seed, relations) always gives the same records."""
+    relations = check_relations(relations)
     offset = {"train": 0, "val": 1, "test": 2}[split]
     rng = np.random.default_rng([seed, offset])
     pool = "train" if split == "train" else "heldout"
     categories = [CATEGORIES[i % len(CATEGORIES)] for i in rng.permutation(n)]
     columns: dict[str, list] = {k: [] for k in FEATURES}
     for i, category in enumerate(categories):
-        scene = _Scene(rng, pool)
+        scene = _Scene(rng, pool, relations)
         question, answer, space = GENERATORS[category](scene)
         choices, position = _choices(rng, category, answer, space)
         columns["id"].append(f"toy-{split}-{i:06d}")
@@ -206,8 +222,12 @@ def default_cache_dir() -> Path:
     return Path(root) / "efficientllava"
 
 
-def build_toy_benchmark(seed: int = 0, sizes: dict[str, int] | None = None, cache_dir: str | Path | None = None):
-    """The benchmark as a `datasets.DatasetDict`, cached on disk under a key of its seed, sizes and version."""
+def build_toy_benchmark(
+    seed: int = 0, sizes: dict[str, int] | None = None, cache_dir: str | Path | None = None, relations=None
+):
+    """The benchmark as a `datasets.DatasetDict`, cached on disk under a key of its seed, sizes, relation words and
+    version. `relations` (default: all four) restricts the relation words the relation and count_relation questions
+    ask, e.g. one direction per axis."""
     import datasets
     from PIL import Image
 
@@ -217,13 +237,17 @@ def build_toy_benchmark(seed: int = 0, sizes: dict[str, int] | None = None, cach
             raise ValueError(f"toy benchmark split {split!r} is unknown; expected one of {sorted(DEFAULT_SIZES)}")
         if int(n) < 1:
             raise ValueError(f"toy benchmark split {split!r} asks for {n} records; expected at least 1")
-    key = hashlib.sha1(json.dumps([BENCHMARK_VERSION, seed, sorted(sizes.items())]).encode()).hexdigest()[:12]
+    relations = check_relations(relations)
+    parts = [BENCHMARK_VERSION, seed, sorted(sizes.items())]
+    if relations != RELATIONS:  # the default keeps the key it always had
+        parts.append(list(relations))
+    key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
     path = Path(cache_dir or default_cache_dir()) / f"toy_benchmark-{key}"
     if (path / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(path))
     splits = {}
     for split, n in sizes.items():
-        columns = generate_split(split, int(n), seed)
+        columns = generate_split(split, int(n), seed, relations)
         columns["image"] = [Image.fromarray(a) for a in columns["image"]]
         splits[split] = datasets.Dataset.from_dict(columns, features=FEATURES)
     dataset = datasets.DatasetDict(splits)
@@ -233,5 +257,5 @@ def build_toy_benchmark(seed: int = 0, sizes: dict[str, int] | None = None, cach
         tmp.rename(path)
     except OSError:  # another process finished first
         pass
-    log.info("toy benchmark (seed %d, %s) cached at %s", seed, sizes, path)
+    log.info("toy benchmark (seed %d, %s, relations %s) cached at %s", seed, sizes, list(relations), path)
     return datasets.load_from_disk(str(path))
