@@ -223,8 +223,8 @@ def _block_inputs(model, block_index: int, rows: int, tokens: int, padded: bool)
     mask2d = torch.ones(rows, tokens, dtype=torch.long, device=device)
     if padded:  # one padded position makes the mask materialize as in the padded real batches
         mask2d[-1, -1] = 0
-    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask2d, past_key_values=None,
-                              position_ids=position_ids)
+    # no cache, passed by position: transformers 5.24 renamed that argument from past_key_values to cache
+    mask = create_causal_mask(config, hidden, mask2d, None, position_ids=position_ids)
     return hidden, position_embeddings, mask, position_ids
 
 

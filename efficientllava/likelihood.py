@@ -15,7 +15,7 @@ import torch
 
 from efficientllava.data.collate import Collator
 from efficientllava.data.prompts import SHORT
-from efficientllava.models import model_device
+from efficientllava.models import cache_argument, model_device
 
 PROMPT_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 
@@ -38,6 +38,7 @@ def option_logprobs(model, batch: dict) -> torch.Tensor:
     prompt_mask = batch["attention_mask"].to(device)
     out = model.model(**{k: batch[k].to(device) for k in PROMPT_INPUTS}, use_cache=True)
     hidden, cache = out.last_hidden_state, out.past_key_values
+    cache_name = cache_argument(model.model)
     rows = torch.arange(hidden.shape[0], device=device)
     last = batch["last_index"].to(device)
     first = torch.log_softmax(model.lm_head(hidden[rows, last]).float(), -1)  # predicts each answer's first token
@@ -52,7 +53,7 @@ def option_logprobs(model, batch: dict) -> torch.Tensor:
         if width > 1:  # feed answer tokens 0..width-2; position j predicts token j + 1
             feed_mask = (steps[None, : width - 1] < length[:, None] - 1).long()
             h = model.model(input_ids=tokens[:, :-1], attention_mask=torch.cat([prompt_mask, feed_mask], 1),
-                            position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+                            position_ids=positions, **{cache_name: cache}, use_cache=True).last_hidden_state
             _cut(cache, width - 1)
             r, c = torch.nonzero(feed_mask.bool(), as_tuple=True)
             logp = torch.log_softmax(model.lm_head(h[r, c]).float(), -1)

@@ -7,6 +7,7 @@ is refused with both numbers. `random_init=True` builds the model from the check
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -160,6 +161,12 @@ def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", l
 def model_device(model) -> torch.device:
     """The device of a model's (first) parameters."""
     return next(model.parameters()).device
+
+
+def cache_argument(module) -> str:
+    """The keyword a transformers forward takes its key/value cache by: `cache` from transformers 5.24 on,
+    `past_key_values` before (5.24 still accepts the old name, with a warning, until 5.40)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from efficientllava.evaluation import MODEL_INPUTS
-from efficientllava.models import image_features, model_device
+from efficientllava.models import cache_argument, image_features, model_device
 from efficientllava.policy import choice_ratio
 from efficientllava.pruning.layers import get_linear
 from efficientllava.search.fitness import SearchSamples
@@ -196,11 +196,13 @@ def decode_seconds(model, batch: dict, steps: int) -> float:
     out = model(**inputs, use_cache=True, logits_to_keep=1)
     state = {"past": out.past_key_values, "token": out.logits[:, -1].argmax(-1, keepdim=True), "mask": mask}
 
+    cache_name = cache_argument(model)
+
     def run():
         for _ in range(steps):
             if state["mask"] is not None:
                 state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(state["mask"].shape[0], 1)], 1)
-            out = model(input_ids=state["token"], attention_mask=state["mask"], past_key_values=state["past"],
+            out = model(input_ids=state["token"], attention_mask=state["mask"], **{cache_name: state["past"]},
                         use_cache=True, logits_to_keep=1)
             state["past"], state["token"] = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 

@@ -152,7 +152,8 @@ class VisualTokenPruner:
         if ids is None:
             raise TokenPruningError("visual-token pruning needs input_ids to find the image tokens; the model was "
                                     "called with inputs_embeds only")
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache")  # transformers >= 5.24 names the cache `cache`; earlier, `past_key_values`
+        past = kwargs.get("past_key_values") if past is None else past
         seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         self.forward_state = self.plan(ids, kwargs.get("attention_mask"), seen)
         return None

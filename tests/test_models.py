@@ -72,3 +72,21 @@ def test_attention_implementation_from_config_gives_the_same_logits():
 def test_unknown_attention_implementation():
     with pytest.raises(ModelLoadError, match="attention implementation 'nonsense' is not available .*expected one"):
         load_llava(TOY_MODEL_DIR, device="cpu", attn_implementation="nonsense")
+
+
+
+def test_cache_argument_is_the_name_this_transformers_takes(toy):
+    import inspect
+    import warnings
+
+    from efficientllava.models import cache_argument
+
+    model = toy[0]
+    for module in (model, model.model, model.model.language_model):
+        assert cache_argument(module) in inspect.signature(module.forward).parameters
+    language_model = model.model.language_model
+    cache = language_model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the old name warns from transformers 5.24 on
+        out = language_model(input_ids=torch.tensor([[4]]), use_cache=True, **{cache_argument(language_model): cache})
+    assert out.last_hidden_state.shape[1] == 1 and cache.get_seq_length() == 4
