@@ -166,7 +166,8 @@ def model_device(model) -> torch.device:
 def cache_argument(module) -> str:
     """The keyword a transformers forward takes its key/value cache by: `cache` from transformers 5.24 on,
     `past_key_values` before (5.24 still accepts the old name, with a warning, until 5.40)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    forward = getattr(module, "forward", module)  # a module, or a plain callable standing in for one
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
