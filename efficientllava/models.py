@@ -170,6 +170,12 @@ def cache_argument(module) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
+def cache_in(kwargs: dict):
+    """The key/value cache a forward (or a forward hook) was called with, under either of its names (None: none)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """The projector's output for each image, as (batch, image tokens, hidden)."""
     out = model.get_image_features(pixel_values=pixel_values)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from efficientllava.models import cache_in
 from efficientllava.pruning.structured import block_paths
 
 CONFIG_KEY = "efficientllava_tokens"
@@ -152,8 +153,7 @@ class VisualTokenPruner:
         if ids is None:
             raise TokenPruningError("visual-token pruning needs input_ids to find the image tokens; the model was "
                                     "called with inputs_embeds only")
-        past = kwargs.get("cache")  # transformers >= 5.24 names the cache `cache`; earlier, `past_key_values`
-        past = kwargs.get("past_key_values") if past is None else past
+        past = cache_in(kwargs)
         seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         self.forward_state = self.plan(ids, kwargs.get("attention_mask"), seen)
         return None

@@ -74,7 +74,6 @@ def test_unknown_attention_implementation():
         load_llava(TOY_MODEL_DIR, device="cpu", attn_implementation="nonsense")
 
 
-
 def test_cache_argument_is_the_name_this_transformers_takes(toy):
     import inspect
     import warnings

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from efficientllava.evaluation import MODEL_INPUTS
+from efficientllava.models import cache_in
 from efficientllava.pruning.toy_calibration import toy_model_and_batches
 from efficientllava.toy_model import IMAGE
 from efficientllava.token_pruning import TokenPruningError, VisualTokenPruner, attach_from_config, kept_count
@@ -45,9 +46,7 @@ def key_masking_hooks(model, keep_mask: torch.Tensor, layer: int):
         hidden = args[0]
         if mask is None:  # sdpa without padding: build the causal mask it stands for
             own = module.self_attn.layer_idx  # this layer's cache, not yet holding the current token
-            cache = kwargs.get("cache")
-            cache = kwargs.get("past_key_values") if cache is None else cache  # its name before transformers 5.24
-            seen = cache.get_seq_length(own) if hidden.shape[1] == 1 else 0
+            seen = cache_in(kwargs).get_seq_length(own) if hidden.shape[1] == 1 else 0
             q, total = hidden.shape[1], seen + hidden.shape[1]
             mask = torch.ones(hidden.shape[0], 1, q, total, dtype=torch.bool).tril(total - q)
         mask = mask.clone()
