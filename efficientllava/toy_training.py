@@ -252,7 +252,7 @@ class StagedToyTraining(LlavaTrainingModule):
                 target = self.scene(classes)
             features = image_features(self.model, batch["pixel_values"])
             loss = alignment_loss(features, target, classes=classes, object_weight=self.object_weight)
-            self.log("align/loss", loss, prog_bar=True)
+            self.log_step("align/loss", loss, prog_bar=True)
             return loss
         flag = self.stages[stage]["option_flag_weight"]
         if stage == "scenes":
@@ -262,16 +262,16 @@ class StagedToyTraining(LlavaTrainingModule):
             out = self.model(**{k: batch[k] for k in MODEL_INPUTS}, output_hidden_states=bool(flag))
             logits, hidden = out.logits, out.hidden_states
         loss = per_sample_loss(logits, batch["labels"]).mean()
-        self.log(f"{stage if stage == 'scenes' else 'train'}/loss", loss, prog_bar=True)
+        self.log_step(f"{stage if stage == 'scenes' else 'train'}/loss", loss, prog_bar=True)
         weight = self.stages[stage]["prompt_loss_weight"]
         if weight:
             extra = prompt_loss(logits, batch, self.model.config.image_token_id).mean()
-            self.log(f"{stage}/prompt_loss", extra)
+            self.log_step(f"{stage}/prompt_loss", extra)
             loss = loss + weight * extra
         if flag:
             extra = option_flag_loss(self.model, hidden[self.stages[stage]["option_flag_layer"]], batch,
                                      batch["records"], self.collator.tokenizer)
-            self.log(f"{stage}/option_flag_loss", extra)
+            self.log_step(f"{stage}/option_flag_loss", extra)
             loss = loss + flag * extra
         return loss
 

@@ -52,8 +52,17 @@ class LlavaTrainingModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         logits = self.model(**{k: batch[k] for k in MODEL_INPUTS}).logits
         loss = per_sample_loss(logits, batch["labels"]).mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_step("train/loss", loss, prog_bar=True)
         return loss
+
+    def log_step(self, name: str, value, **kwargs):
+        """`self.log` of a training-step scalar, called only on the steps the loggers write (every
+        `trainer.log_every_n_steps`), so the logged curves are the same. Lightning's bookkeeping costs about 4 ms per
+        logged value on 2 CPU cores (the toy logs three per step: ~4% of its step time). The progress bar's loss
+        follows at that pace."""
+        trainer = self._trainer
+        if trainer is None or (self.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
+            self.log(name, value, **kwargs)
 
     def on_train_start(self):
         self.on_train_batch_end(None, None, 0)

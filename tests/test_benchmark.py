@@ -142,3 +142,30 @@ def test_default_relations_keep_the_cache_key_and_others_get_their_own(tmp_path)
 def test_bad_relations(relations, tmp_path):
     with pytest.raises(ValueError, match="expected some of"):
         build_toy_benchmark(0, {"val": 4}, cache_dir=tmp_path, relations=relations)
+
+
+
+def test_training_batches_hold_the_records_the_sampler_drew(small_benchmark):
+    """The train loader reads rows a batch at a time with their images still encoded; its batches equal batches
+    collated from the split's own (decoded) records, over two epochs."""
+    import torch
+
+    from efficientllava.data.collate import Collator
+    from efficientllava.data.datamodule import BenchmarkDataModule, FormatCurriculum
+    from efficientllava.toy_model import ToyArchitecture, build_toy_llava
+
+    _, processor = build_toy_llava(ToyArchitecture(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
+                                                   vision_hidden=32, vision_layers=1, vision_heads=2,
+                                                   vision_intermediate=64), seed=0)
+    formats = [[0, {"short": 1.0, "letter": 1.0}]]
+    data = BenchmarkDataModule(lambda: small_benchmark, processor, batch_size=8, train_formats=formats)
+    loader = data.train_dataloader()
+    batches = [batch for _ in range(2) for batch in loader]
+    by_id = {r["id"]: r for r in small_benchmark["train"]}
+    curriculum, collator = FormatCurriculum(formats), Collator(processor)
+    assert len(batches) == 16 and len({r["id"] for b in batches for r in b["records"]}) == 64
+    for batch in batches:
+        records = [by_id[r["id"]] for r in batch["records"]]
+        reference = collator.answers(records, curriculum.formats(len(records)))
+        assert reference.keys() == batch.keys() - {"records"}
+        assert all(torch.equal(reference[k], batch[k]) for k in reference)

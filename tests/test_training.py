@@ -94,3 +94,40 @@ def test_a_bad_heap_threshold_fails_before_training(tmp_path):
     assert out.returncode != 0
     assert "steady_heap_mib: steady heap threshold is 64 MiB; expected an integer from 1 to 32" in out.stderr
     assert not (tmp_path / "train" / "checkpoints").exists()
+
+
+def _tiny_module():
+    from efficientllava.toy_model import ToyArchitecture, build_toy_llava
+    from efficientllava.training import LlavaTrainingModule
+
+    model, processor = build_toy_llava(ToyArchitecture(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
+                                                       vision_hidden=32, vision_layers=1, vision_heads=2,
+                                                       vision_intermediate=64), seed=0)
+    return LlavaTrainingModule(model, processor, ["colour"])
+
+
+def test_a_training_batch_moves_its_tensors_and_leaves_its_records_alone():
+    from efficientllava.data.datamodule import BenchmarkDataModule
+
+    data = BenchmarkDataModule(lambda: None)
+    records = [{"id": "a", "image": {"bytes": b"png"}, "choices": ["x", "y"]}]
+    batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "records": records}
+    moved = data.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["records"] is records and moved["input_ids"].device.type == "meta"
+    evaluation = data.transfer_batch_to_device([{"id": "b", "x": torch.zeros(2)}], torch.device("meta"), 0)
+    assert evaluation[0]["x"].device.type == "meta"  # evaluation batches: Lightning's own transfer
+
+
+def test_training_scalars_are_logged_on_the_steps_the_loggers_write():
+    from types import SimpleNamespace
+
+    module = _tiny_module()
+    logged = []
+    module.log = lambda name, value, **kwargs: logged.append((module.global_step, name))
+    for step in range(12):
+        module._trainer = SimpleNamespace(log_every_n_steps=5, global_step=step)
+        module.log_step("train/loss", 1.0)
+    assert logged == [(4, "train/loss"), (9, "train/loss")]
+    module._trainer = None
+    module.log_step("train/loss", 2.0)  # outside a Trainer every call goes through (Lightning decides what to do)
+    assert logged[-1] == (0, "train/loss")
