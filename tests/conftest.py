@@ -19,6 +19,16 @@ def toy():
 
 
 @pytest.fixture(scope="session")
+def tiny_toy():
+    """A randomly initialised toy LLaVA a few times smaller than the shipped one, and its processor (for tests that
+    need the toy's tokenizer and image processor, or any model to wrap)."""
+    from efficientllava.toy_model import ToyArchitecture, build_toy_llava
+
+    return build_toy_llava(ToyArchitecture(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vision_hidden=32,
+                                           vision_layers=1, vision_heads=2, vision_intermediate=64), seed=0)
+
+
+@pytest.fixture(scope="session")
 def small_benchmark(tmp_path_factory):
     from efficientllava.data.toy_benchmark import build_toy_benchmark
 

@@ -81,15 +81,12 @@ def test_bad_sizes(sizes, tmp_path):
         build_toy_benchmark(0, sizes, cache_dir=tmp_path)
 
 
-def test_train_categories_restrict_only_the_train_split(small_benchmark):
+def test_train_categories_restrict_only_the_train_split(small_benchmark, tiny_toy):
     """`data.train_categories` (an ablation: what a model learns from) keeps only those categories in the batches
     it trains on; validation and test keep every category."""
     from efficientllava.data.datamodule import BenchmarkDataModule
-    from efficientllava.toy_model import ToyArchitecture, build_toy_llava
 
-    _, processor = build_toy_llava(ToyArchitecture(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
-                                                   vision_hidden=32, vision_layers=1, vision_heads=2,
-                                                   vision_intermediate=64), seed=0)
+    _, processor = tiny_toy
     data = BenchmarkDataModule(lambda: small_benchmark, processor, batch_size=4,
                                train_categories=["relation", "digit"])
     train = data.train_records()
@@ -144,19 +141,15 @@ def test_bad_relations(relations, tmp_path):
         build_toy_benchmark(0, {"val": 4}, cache_dir=tmp_path, relations=relations)
 
 
-
-def test_training_batches_hold_the_records_the_sampler_drew(small_benchmark):
+def test_training_batches_hold_the_records_the_sampler_drew(small_benchmark, tiny_toy):
     """The train loader reads rows a batch at a time with their images still encoded; its batches equal batches
     collated from the split's own (decoded) records, over two epochs."""
     import torch
 
     from efficientllava.data.collate import Collator
     from efficientllava.data.datamodule import BenchmarkDataModule, FormatCurriculum
-    from efficientllava.toy_model import ToyArchitecture, build_toy_llava
 
-    _, processor = build_toy_llava(ToyArchitecture(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
-                                                   vision_hidden=32, vision_layers=1, vision_heads=2,
-                                                   vision_intermediate=64), seed=0)
+    _, processor = tiny_toy
     formats = [[0, {"short": 1.0, "letter": 1.0}]]
     data = BenchmarkDataModule(lambda: small_benchmark, processor, batch_size=8, train_formats=formats)
     loader = data.train_dataloader()

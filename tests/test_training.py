@@ -96,16 +96,6 @@ def test_a_bad_heap_threshold_fails_before_training(tmp_path):
     assert not (tmp_path / "train" / "checkpoints").exists()
 
 
-def _tiny_module():
-    from efficientllava.toy_model import ToyArchitecture, build_toy_llava
-    from efficientllava.training import LlavaTrainingModule
-
-    model, processor = build_toy_llava(ToyArchitecture(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
-                                                       vision_hidden=32, vision_layers=1, vision_heads=2,
-                                                       vision_intermediate=64), seed=0)
-    return LlavaTrainingModule(model, processor, ["colour"])
-
-
 def test_a_training_batch_moves_its_tensors_and_leaves_its_records_alone():
     from efficientllava.data.datamodule import BenchmarkDataModule
 
@@ -118,10 +108,12 @@ def test_a_training_batch_moves_its_tensors_and_leaves_its_records_alone():
     assert evaluation[0]["x"].device.type == "meta"  # evaluation batches: Lightning's own transfer
 
 
-def test_training_scalars_are_logged_on_the_steps_the_loggers_write():
+def test_training_scalars_are_logged_on_the_steps_the_loggers_write(tiny_toy):
     from types import SimpleNamespace
 
-    module = _tiny_module()
+    from efficientllava.training import LlavaTrainingModule
+
+    module = LlavaTrainingModule(*tiny_toy, ["colour"])
     logged = []
     module.log = lambda name, value, **kwargs: logged.append((module.global_step, name))
     for step in range(12):
