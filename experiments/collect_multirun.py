@@ -37,11 +37,15 @@ def read_run(job: Path) -> dict | None:
 
 
 def label_series(runs: list[dict]) -> None:
-    """A run's series: its strategy plus the overrides that differ between runs (target and seed excepted)."""
+    """A run's series: its strategy plus those of its overrides that differ between runs (target and seed excepted).
+
+    An override a run does not have is its default and is left out of its label, so runs of several sweeps read as
+    `evolution` (the defaults) beside `evolution experiment=n16`.
+    """
     keys = sorted({k for r in runs for k in r["overrides"]} - set(VARYING))
     differing = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1]
     for r in runs:
-        label = " ".join(f"{k}={r['overrides'].get(k, '-')}" for k in differing)
+        label = " ".join(f"{k}={r['overrides'][k]}" for k in differing if k in r["overrides"])
         r["series"] = f"{r['summary']['strategy']} {label}".strip()
 
 

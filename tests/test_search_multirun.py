@@ -32,3 +32,22 @@ def test_multirun_sweep_and_collect(tmp_path, random_toy_dir):
     rows = [line for line in table.splitlines() if line.startswith("| evolution")]
     assert len(rows) == 4 + 2  # one per run, one per target averaged over the seeds
     assert any("| 0.3 | 2 |" in line for line in rows) and any("| 0.7 | 2 |" in line for line in rows)
+
+
+def test_series_labels_name_only_the_overrides_a_run_has():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("collect_multirun", ROOT / "experiments" / "collect_multirun.py")
+    collect_multirun = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect_multirun)
+
+    def run(strategy="evolution", **overrides):
+        return {"overrides": {"seed": "0", "search.target_sparsity": "0.6", **overrides},
+                "summary": {"strategy": strategy}}
+
+    runs = [run(), run(**{"experiment": "n16"}), run(**{"pruner@bank": "sparsegpt"}),
+            run(**{"pruner@bank": "sparsegpt", "seed": "1"}), run(strategy="uniform", **{"search": "uniform"})]
+    collect_multirun.label_series(runs)
+    assert [r["series"] for r in runs] == [
+        "evolution", "evolution experiment=n16", "evolution pruner@bank=sparsegpt", "evolution pruner@bank=sparsegpt",
+        "uniform search=uniform"]
