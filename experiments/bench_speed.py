@@ -38,6 +38,7 @@ TOY_PLANS = {  # name: (MLP ratio, attention ratio, (K, R) or None)
     "MLP 50%": (0.5, 0.0, None),
     "MLP 50% + heads 50%": (0.5, 0.5, None),
     "FastV K=1 R=0.25": (0.0, 0.0, (1, 0.25)),
+    "FastV K=1 R=0.0625 (one image token)": (0.0, 0.0, (1, 0.0625)),
     "MLP 50% + heads 50% + FastV K=1 R=0.25": (0.5, 0.5, (1, 0.25)),
     "MLP 75% + heads 50% + FastV K=1 R=0.25": (0.75, 0.5, (1, 0.25)),
     "MLP 75% + FastV K=1 R=0.5": (0.75, 0.0, (1, 0.5)),
