@@ -1,6 +1,5 @@
 """experiments/bench_7b_search.py: LLaVA-1.5's real shapes (counted on the meta device, nothing allocated) and the
 whole search pipeline end to end at scaled-down widths on the CPU, so the GPU run is the same command."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,10 +8,9 @@ import pytest
 from efficientllava.llava15_shapes import llava15_config
 from efficientllava.models import parameter_count
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench_7b_search", ROOT / "experiments" / "bench_7b_search.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from experiment_scripts import load_experiment
+
+bench = load_experiment("bench_7b_search")
 
 
 def test_llava15_shapes_have_the_published_sizes():

@@ -1,20 +1,11 @@
 """The GPU benchmarks' code paths at LLaVA-1.5's scaled-down shape on the CPU, so a lent GPU runs them unchanged."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from efficientllava.llava15_shapes import check_shape, random_batch, random_llava
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from experiment_scripts import load_experiment
 
 
 def test_random_llava_and_its_batches():
@@ -30,13 +21,13 @@ def test_random_llava_and_its_batches():
 
 def test_bench_scoring_refuses_a_7b_on_the_cpu():
     with pytest.raises(SystemExit, match="needs a CUDA device"):
-        load("bench_scoring").main(["--shape", "7b", "--device", "cpu"])
+        load_experiment("bench_scoring").main(["--shape", "7b", "--device", "cpu"])
 
 
 @pytest.mark.slow
 def test_bench_scoring_runs_both_scorings(capsys):
-    rows = load("bench_scoring").main(["--shape", "scaled-down", "--device", "cpu", "--n", "8", "--batch-size", "4",
-                                       "--repeats", "1"])
+    rows = load_experiment("bench_scoring").main(["--shape", "scaled-down", "--device", "cpu", "--n", "8",
+                                                  "--batch-size", "4", "--repeats", "1"])
     assert [r[0] for r in rows] == ["letter", "likelihood"]
     assert all(float(r[2]) > 0 and float(r[4]) >= float(r[2]) for r in rows)
     assert "| scoring | tokens |" in capsys.readouterr().out
@@ -44,7 +35,7 @@ def test_bench_scoring_runs_both_scorings(capsys):
 
 @pytest.mark.slow
 def test_bench_pruning_whole_model_prunes_every_language_model_linear(capsys):
-    load("bench_pruning").bench_whole("scaled-down", torch.device("cpu"), samples=8, batch_size=4)
+    load_experiment("bench_pruning").bench_whole("scaled-down", torch.device("cpu"), samples=8, batch_size=4)
     out = capsys.readouterr().out
     for method in ("| wanda | 14 |", "| wanda (operator only) | 14 |", "| sparsegpt | 14 |"):
         assert method in out  # 2 blocks x 7 linears
@@ -52,7 +43,7 @@ def test_bench_pruning_whole_model_prunes_every_language_model_linear(capsys):
 
 @pytest.mark.slow
 def test_bench_pruning_first_blocks_only(capsys):
-    load("bench_pruning").bench_whole("scaled-down", torch.device("cpu"), samples=4, batch_size=4, blocks=1,
+    load_experiment("bench_pruning").bench_whole("scaled-down", torch.device("cpu"), samples=4, batch_size=4, blocks=1,
                                       methods=("sparsegpt",))
     out = capsys.readouterr().out
     assert "First 1 decoder blocks" in out and "| sparsegpt | 7 |" in out and "wanda" not in out

@@ -1,7 +1,5 @@
 """experiments/letter_binding.py: every layout states the answer and asks for its letter; a short run
 reports a val curve; bad layouts are named."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -9,10 +7,9 @@ from efficientllava.data.prompts import LETTERS
 from efficientllava.data.toy_benchmark import generate_split
 from efficientllava.toy_model import ToyArchitecture, build_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("letter_binding", ROOT / "experiments" / "letter_binding.py")
-letter_binding = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(letter_binding)
+from experiment_scripts import load_experiment
+
+letter_binding = load_experiment("letter_binding")
 
 
 @pytest.fixture(scope="module")

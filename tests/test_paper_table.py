@@ -1,6 +1,5 @@
 """experiments/paper_table.py: methods named from their configs, seeds averaged, and a real search plus evaluate.py
 runs on its pruned and dense model landing in the right cells."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,11 +9,11 @@ from omegaconf import OmegaConf
 
 import efficientllava  # noqa: F401  (config resolvers)
 
+from experiment_scripts import load_experiment
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
-spec = importlib.util.spec_from_file_location("paper_table", ROOT / "experiments" / "paper_table.py")
-paper_table = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(paper_table)
+paper_table = load_experiment("paper_table")
 
 
 def compose_cfg(name, overrides):

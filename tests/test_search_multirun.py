@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from experiment_scripts import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +36,7 @@ def test_multirun_sweep_and_collect(tmp_path, random_toy_dir):
 
 
 def test_series_labels_name_only_the_overrides_a_run_has():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("collect_multirun", ROOT / "experiments" / "collect_multirun.py")
-    collect_multirun = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(collect_multirun)
+    collect_multirun = load_experiment("collect_multirun")
 
     def run(strategy="evolution", **overrides):
         return {"overrides": {"seed": "0", "search.target_sparsity": "0.6", **overrides},

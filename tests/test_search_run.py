@@ -12,6 +12,8 @@ from efficientllava.search import loop
 from efficientllava.search.settings import STRATEGIES, SettingsError
 from efficientllava.toy_model import ToyArchitecture, build_toy_llava
 
+from experiment_scripts import load_experiment
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
@@ -273,16 +275,12 @@ def test_baselines_run_end_to_end_on_budget(tiny, tmp_path, strategy):
 def test_projector_effect_scores_the_pruned_model_with_its_projector_and_the_original(tiny, tmp_path, monkeypatch):
     """experiments/projector_effect.py on a finished run whose round was kept: the carried column is the run's own
     held-out accuracy, the original column that of the same pruned model with the dense model's projector."""
-    import importlib.util
-
     from omegaconf import OmegaConf
 
     from efficientllava.models import load_llava
     from efficientllava.projector import load_projector_state, projector_state
 
-    spec = importlib.util.spec_from_file_location("projector_effect", ROOT / "experiments" / "projector_effect.py")
-    effect = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(effect)
+    effect = load_experiment("projector_effect")
     monkeypatch.setattr(loop, "check_loss", lambda model, bank, policies, batches, _seq=iter([2.0, 1.0]): next(_seq))
     cfg = compose_search(tiny + ["search.projector.holdout=0.25", "search.projector.lr=0.1",
                                  "search.projector.check=loss"])
