@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import re
 from pathlib import Path
 
 import torch
 
+logger = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOY_MODEL_DIR = ASSETS / "toy_llava"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -97,7 +99,7 @@ def check_fits(path: str, n_params: int, dtype: torch.dtype, device: torch.devic
 
 def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", local_files_only: bool = False,
                check_memory: bool = True, random_init: bool = False, seed: int = 0,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, trim_vision_tower: bool = False):
     """(model, processor) from a local directory or a hub id such as 'llava-hf/llava-1.5-7b-hf'.
 
     Weights load from safetensors only; no remote code runs. The model is returned in eval mode. With
@@ -106,7 +108,8 @@ def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", l
     A model saved after structured shrinking is rebuilt at its recorded per-block sizes
     (`pruning/structured.load_shrunk`), and visual-token pruning saved with a model is re-attached.
     `attn_implementation` (e.g. 'eager', 'sdpa') sets the attention kernels of every sub-model; None keeps
-    transformers' default.
+    transformers' default. `trim_vision_tower` drops the vision-tower layers after the one LLaVA reads its image
+    features from (`trim_vision_tower` below): the same outputs, less work.
     """
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
@@ -154,8 +157,43 @@ def load_llava(path: str | Path, dtype="float32", device: str | None = "auto", l
         except (ValueError, ImportError) as err:
             raise ModelLoadError(f"attention implementation {attn_implementation!r} is not available for '{path}': "
                                  f"{err}; expected one transformers supports here, e.g. 'eager' or 'sdpa'") from err
+    if trim_vision_tower:
+        trim_vision_tower_layers(model)
     attach_from_config(model)  # visual-token pruning recorded with the model, if any
     return model.to(target).eval(), processor
+
+
+def trim_vision_tower_layers(model) -> int:
+    """Drop the vision-tower layers whose output no image feature reads; returns how many went.
+
+    LLaVA-1.5 takes its image features from the vision tower's second-to-last layer (`vision_feature_layer: -2`),
+    so its forward computes the last layer and throws the result away (serving engines such as vLLM build the tower
+    only up to the feature layer). The layers after the deepest feature layer are removed and the configs rewritten
+    to match (the feature layers as non-negative indices, the tower's `num_hidden_layers`), so outputs are unchanged
+    and a trimmed model saves and loads back as an ordinary LLaVA. A tower without `encoder.layers` and
+    `num_hidden_layers`, or one whose last layer is read, is left as it is.
+    """
+    tower = getattr(getattr(model, "model", model), "vision_tower", None)
+    layers = getattr(getattr(tower, "encoder", None), "layers", None)
+    n_layers = getattr(getattr(tower, "config", None), "num_hidden_layers", None)
+    feature = getattr(model.config, "vision_feature_layer", None)
+    if not isinstance(layers, torch.nn.ModuleList) or n_layers != len(layers) or feature is None:
+        logger.info("vision tower not trimmed: expected encoder.layers matching config.num_hidden_layers")
+        return 0
+    states = n_layers + 1  # hidden states: the embeddings' output, then one per layer
+    wanted = [feature] if isinstance(feature, int) else list(feature)
+    if any(not -states <= i < states for i in wanted):
+        raise ModelLoadError(f"vision_feature_layer {feature!r} is outside the vision tower's {states} hidden states; "
+                             f"expected indices in [-{states}, {states - 1}]")
+    wanted = [i % states for i in wanted]
+    keep = max(wanted)
+    if keep >= n_layers:
+        return 0
+    del layers[keep:]
+    tower.config.num_hidden_layers = keep
+    model.config.vision_config.num_hidden_layers = keep
+    model.config.vision_feature_layer = wanted[0] if isinstance(feature, int) else wanted
+    return n_layers - keep
 
 
 def model_device(model) -> torch.device:
@@ -187,9 +225,10 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def load_from_config(cfg, device=None):
     """`load_llava` with a Hydra `model` config node (path, dtype, device, check_memory, random_init, seed,
-    attn_implementation);
+    attn_implementation, trim_vision_tower);
     `device` overrides the node's device (e.g. one GPU per process under DDP)."""
     return load_llava(cfg.path, dtype=cfg.get("dtype", "float32"),
                       device=device if device is not None else cfg.get("device", "auto"),
                       check_memory=cfg.get("check_memory", True), random_init=cfg.get("random_init", False),
-                      seed=cfg.get("seed", 0), attn_implementation=cfg.get("attn_implementation"))
+                      seed=cfg.get("seed", 0), attn_implementation=cfg.get("attn_implementation"),
+                      trim_vision_tower=cfg.get("trim_vision_tower", False))

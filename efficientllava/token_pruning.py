@@ -4,7 +4,8 @@ that receive the most attention from the last text token.
 LLaVA-1.5 feeds 576 image tokens of its ~650 prefill tokens, so dropping image tokens from layer K on shrinks most of
 the prefill work of the later layers. With L decoder layers:
 - layers 0..K-1 see every token; the attention probabilities of layer K-1, from each row's last real token (its query)
-  to every earlier token (softmax over the row, averaged over the heads), rank the image tokens;
+  to every earlier token (softmax over the row, averaged over the heads), rank the image tokens (read from what
+  eager attention returns; recomputed from layer K-1's queries and keys for kernels that return none, such as sdpa);
 - the round(R * n_image) best-ranked image tokens (at least one) and every text token go on to layers K..L-1, which
   keep their original rotary positions; the others are dropped (also from those layers' KV cache);
 - the language model's output is scattered back to the full length (dropped positions hold zeros), so everything
@@ -69,13 +70,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gather(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """t gathered along `dim` by a (batch, n) index (t's batch dim may be 1: broadcast first)."""
-    if t.shape[0] != index.shape[0]:
-        t = t.expand(index.shape[0], *t.shape[1:])
-    shape = [index.shape[0]] + [1] * (t.dim() - 1)
-    shape[dim] = index.shape[1]
-    idx = index.reshape(shape).expand(*[index.shape[1] if d == dim else t.shape[d] for d in range(t.dim())])
-    return t.gather(dim, idx)
+    """t gathered along `dim` by a (batch, n) index (t's batch dim may be 1: broadcast first). Done as one
+    index_select of whole rows of the flattened tensor: on a CPU, several times faster than `Tensor.gather`."""
+    b, n = index.shape
+    if t.shape[0] != b:
+        t = t.expand(b, *t.shape[1:])
+    moved = t.movedim(dim, 1)
+    length, rest = moved.shape[1], moved.shape[2:]
+    flat = (index + torch.arange(b, device=index.device)[:, None] * length).reshape(-1)
+    return moved.reshape(b * length, -1).index_select(0, flat).view(b, n, *rest).movedim(1, dim)
 
 
 class VisualTokenPruner:
@@ -195,10 +198,43 @@ class VisualTokenPruner:
         if state is None or state["mode"] != "prefill":
             return None
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        cos, sin = kwargs["position_embeddings"]
         b, s, _ = hidden.shape
         rows = torch.arange(b, device=hidden.device)
         last = state["last"].to(hidden.device)
+        weights = self._attention_weights(attn, output, b, s)
+        if weights is not None:  # eager attention computed them already: read the last token's row
+            received = weights[rows, :, last].float().mean(1)
+        else:
+            received = self._recompute_received(attn, hidden, kwargs["position_embeddings"], state, rows, last)
+        image = state["image"].to(hidden.device)
+        chosen = received.masked_fill(~image, float("-inf")).topk(state["n_keep"], dim=1).indices
+        keep = (~image).scatter(1, chosen, True)
+        positions = torch.arange(s, device=hidden.device)
+        # the kept positions in ascending order, without reading the device (a CUDA graph can capture this): every
+        # row keeps the same count, and kept positions outrank dropped ones, earlier before later
+        order = keep.long() * (2 * s) + (s - 1 - positions)
+        state["kept"] = order.topk(state["n_kept"], dim=1).indices
+        return None
+
+    @staticmethod
+    def _attention_weights(attn, output, b: int, s: int) -> torch.Tensor | None:
+        """Layer K-1's attention probabilities (b, heads, s, s), when its kernels returned them (eager attention
+        does; sdpa and flash kernels return None)."""
+        config = getattr(attn, "config", None)
+        if getattr(config, "_attn_implementation", None) != "eager" or not isinstance(output, tuple) or len(output) < 2:
+            return None
+        weights = output[1]
+        if not isinstance(weights, torch.Tensor) or weights.dim() != 4 or weights.shape[0] != b \
+                or weights.shape[-2:] != (s, s):
+            return None
+        return weights
+
+    @staticmethod
+    def _recompute_received(attn, hidden, position_embeddings, state: dict, rows, last) -> torch.Tensor:
+        """The attention each token receives from its row's last token, averaged over heads (b, s), recomputed from
+        layer K-1's input for kernels that do not return attention probabilities."""
+        cos, sin = position_embeddings
+        b, s, _ = hidden.shape
         d = attn.head_dim
         q = attn.q_proj(hidden[rows, last]).view(b, -1, d)  # (b, heads, d)
         k = attn.k_proj(hidden).view(b, s, -1, d).transpose(1, 2)  # (b, kv, s, d)
@@ -212,15 +248,7 @@ class VisualTokenPruner:
         if state["mask2d"] is not None:
             allowed &= state["mask2d"].to(hidden.device).bool()
         logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
-        received = logits.softmax(-1).mean(1)  # (b, s): attention each token receives from the last token
-        image = state["image"].to(hidden.device)
-        chosen = received.masked_fill(~image, float("-inf")).topk(state["n_keep"], dim=1).indices
-        keep = (~image).scatter(1, chosen, True)
-        # the kept positions in ascending order, without reading the device (a CUDA graph can capture this): every
-        # row keeps the same count, and kept positions outrank dropped ones, earlier before later
-        order = keep.long() * (2 * s) + (s - 1 - positions)
-        state["kept"] = order.topk(state["n_kept"], dim=1).indices
-        return None
+        return logits.softmax(-1).mean(1)
 
     def _on_layer(self, j: int):
         def hook(layer, args, kwargs):
@@ -283,9 +311,11 @@ class VisualTokenPruner:
             return None
         hidden = output.last_hidden_state
         b, _, width = hidden.shape
-        full = hidden.new_zeros(b, state["length"], width)
-        full.scatter_(1, state["kept"].to(hidden.device)[..., None].expand(-1, -1, width), hidden)
-        output.last_hidden_state = full
+        length = state["length"]
+        kept = state["kept"].to(hidden.device)
+        flat = (kept + torch.arange(b, device=kept.device)[:, None] * length).reshape(-1)
+        full = hidden.new_zeros(b * length, width).index_copy_(0, flat, hidden.reshape(-1, width))
+        output.last_hidden_state = full.view(b, length, width)
         self.forward_state = None
         return output
 

@@ -88,7 +88,8 @@ def bench_toy(args) -> None:
     from efficientllava.pruning.toy_calibration import toy_records
 
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    dense, processor = load_llava(TOY_MODEL_DIR, device=device, attn_implementation=args.attn_implementation)
+    dense, processor = load_llava(TOY_MODEL_DIR, device=device, attn_implementation=args.attn_implementation,
+                                  trim_vision_tower=args.trim_vision_tower)
     val, test = toy_records(64, "val"), toy_records(args.n_test, "test")
     calibration, _ = toy_batches(processor, val, [64])
     scores = compute_importance(dense, [calibration[64]], "flap")
@@ -96,11 +97,13 @@ def bench_toy(args) -> None:
     models = {name: toy_plan(dense, scores, *plan) for name, plan in TOY_PLANS.items()}
     if args.pruned_model:
         models[f"searched ({args.pruned_model})"] = load_llava(args.pruned_model, device=device,
-                                                               attn_implementation=args.attn_implementation)[0]
+                                                               attn_implementation=args.attn_implementation,
+                                                               trim_vision_tower=args.trim_vision_tower)[0]
     print(f"\nToy LLaVA, {describe_device(torch.device(device))}, torch {torch.__version__}: prefill (image + "
           f"prompt) of B toy prompts, {args.decode_steps} greedy decode steps; median of {args.repeats} interleaved "
           "runs, dense and pruned in one process; attention: "
-          f"{dense.config.text_config._attn_implementation}\n")
+          f"{dense.config.text_config._attn_implementation}; vision-tower layers: "
+          f"{dense.config.vision_config.num_hidden_layers}\n")
     dense_acc = evaluate(dense, processor, test, args.scoring)["acc"]
     header = ["plan", f"test acc ({args.scoring}, {len(test)})", "params", "prefill GFLOPs (B=8)",
               *[f"prefill x (B={b})" for b in prefill], *[f"decode x (B={b})" for b in decode]]
@@ -224,6 +227,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--attn-implementation", default=None,
                         help="toy: attention kernels of every model (eager, sdpa, ...); default transformers'")
+    parser.add_argument("--trim-vision-tower", action=argparse.BooleanOptionalAction, default=True,
+                        help="toy: drop the vision-tower layers after the image-feature layer in every model, as "
+                             "conf/model does (outputs unchanged)")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--n-test", type=int, default=2000, help="toy test records for the accuracy column")
     parser.add_argument("--shape", choices=("7b", "13b", "scaled-down"), default="7b",

@@ -89,3 +89,74 @@ def test_cache_argument_is_the_name_this_transformers_takes(toy):
         warnings.simplefilter("error", FutureWarning)  # the old name warns from transformers 5.24 on
         out = language_model(input_ids=torch.tensor([[4]]), use_cache=True, **{cache_argument(language_model): cache})
     assert out.last_hidden_state.shape[1] == 1 and cache.get_seq_length() == 4
+
+
+def _image_batch(processor, n=2):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(1)
+    images = [Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy())
+              for _ in range(n)]
+    texts = ["USER: What color is the square? <image> ASSISTANT:", "USER: Where is the cross? <image> ASSISTANT:"]
+    return processor(text=texts[:n], images=images, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("feature_layer, kept", [(-2, 2), (1, 1)])
+def test_trimmed_vision_tower_gives_the_same_logits_and_saves_as_an_ordinary_llava(feature_layer, kept, tmp_path):
+    from efficientllava.models import trim_vision_tower_layers
+
+    full, processor = load_llava(TOY_MODEL_DIR, device="cpu")
+    full.config.vision_feature_layer = feature_layer
+    trimmed = load_llava(TOY_MODEL_DIR, device="cpu")[0]
+    trimmed.config.vision_feature_layer = feature_layer
+    assert trim_vision_tower_layers(trimmed) == 3 - kept
+    assert len(trimmed.model.vision_tower.encoder.layers) == kept == trimmed.config.vision_config.num_hidden_layers
+    batch = _image_batch(processor)
+    with torch.no_grad():
+        expected = full(**batch).logits
+        assert torch.equal(trimmed(**batch).logits, expected)
+        trimmed.save_pretrained(tmp_path)
+        processor.save_pretrained(tmp_path)
+        back = load_llava(tmp_path, device="cpu")[0]
+        assert torch.equal(back(**batch).logits, expected)
+    assert len(back.model.vision_tower.encoder.layers) == kept
+    assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in full.parameters())
+
+
+def test_trim_keeps_every_feature_layer_of_a_list():
+    from efficientllava.models import trim_vision_tower_layers
+
+    full, processor = load_llava(TOY_MODEL_DIR, device="cpu")
+    trimmed = load_llava(TOY_MODEL_DIR, device="cpu")[0]
+    trimmed.config.vision_feature_layer = [-3, -2]
+    assert trim_vision_tower_layers(trimmed) == 1
+    assert trimmed.config.vision_feature_layer == [1, 2]
+    pixels = _image_batch(processor)["pixel_values"]
+    with torch.no_grad():
+        a = full.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        b = trimmed.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    assert len(a) == 4 and len(b) == 3
+    assert all(torch.equal(a[i], b[j]) for i, j in [(-3, 1), (-2, 2)])
+
+
+def test_trim_from_config_and_nothing_to_trim():
+    from omegaconf import OmegaConf
+
+    from efficientllava.models import load_from_config, trim_vision_tower_layers
+
+    trimmed, _ = load_from_config(OmegaConf.create({"path": str(TOY_MODEL_DIR), "device": "cpu",
+                                                    "trim_vision_tower": True}))
+    assert len(trimmed.model.vision_tower.encoder.layers) == 2  # the toy reads layer -2 of 3
+    assert trim_vision_tower_layers(trimmed) == 0  # its last layer is read now: nothing more goes
+    full, _ = load_llava(TOY_MODEL_DIR, device="cpu")
+    full.config.vision_feature_layer = -1
+    assert trim_vision_tower_layers(full) == 0 and len(full.model.vision_tower.encoder.layers) == 3
+
+
+def test_trim_refuses_a_feature_layer_the_tower_does_not_have():
+    from efficientllava.models import trim_vision_tower_layers
+
+    model, _ = load_llava(TOY_MODEL_DIR, device="cpu")
+    model.config.vision_feature_layer = -5
+    with pytest.raises(ModelLoadError, match=r"vision_feature_layer -5 is outside the vision tower's 4 hidden states"):
+        trim_vision_tower_layers(model)

@@ -50,7 +50,11 @@ def key_masking_hooks(model, keep_mask: torch.Tensor, layer: int):
             q, total = hidden.shape[1], seen + hidden.shape[1]
             mask = torch.ones(hidden.shape[0], 1, q, total, dtype=torch.bool).tril(total - q)
         mask = mask.clone()
-        mask[..., :length] &= keep_mask[:, None, None, :]
+        if mask.dtype == torch.bool:
+            mask[..., :length] &= keep_mask[:, None, None, :]
+        else:  # eager attention: an additive float mask
+            dropped = ~keep_mask[:, None, None, :]
+            mask[..., :length] = mask[..., :length].masked_fill(dropped, torch.finfo(mask.dtype).min)
         return args, {**kwargs, "attention_mask": mask}
 
     layers = model.model.language_model.layers
@@ -66,9 +70,16 @@ def test_keep_one_changes_nothing(toy_and_batches):
     assert torch.equal(dense, same)
 
 
-def test_prefill_keeps_the_fastv_tokens_and_equals_the_key_masked_model(toy_and_batches):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prefill_keeps_the_fastv_tokens_and_equals_the_key_masked_model(toy_and_batches, attention, monkeypatch):
     model, _, batches = toy_and_batches
     batch = batches[0]
+    model = copy.deepcopy(model)
+    model.set_attn_implementation(attention)
+    recomputed = []
+    recompute = VisualTokenPruner._recompute_received
+    monkeypatch.setattr(VisualTokenPruner, "_recompute_received",
+                        staticmethod(lambda *a: recomputed.append(1) or recompute(*a)))
     expected = reference_keep(model, batch, K, KEEP)
     rows = torch.arange(4)
     last = batch["attention_mask"].sum(1) - 1
@@ -86,6 +97,8 @@ def test_prefill_keeps_the_fastv_tokens_and_equals_the_key_masked_model(toy_and_
     assert torch.allclose(pruned[rows, last], reference[rows, last], atol=1e-5)
     assert not torch.allclose(pruned[rows, last], dense[rows, last], atol=1e-3)
     assert pruned.shape == dense.shape  # scattered back to full length
+    # eager attention hands its probabilities over: the ranking reads them instead of recomputing layer K-1's keys
+    assert recomputed == ([1] if attention == "sdpa" else [])
 
 
 def test_decoding_after_a_pruned_prefill_matches_the_reference(toy_and_batches):
