@@ -100,3 +100,101 @@ def test_bad_structure_token_and_budget_settings_stop_before_the_bank(tiny, tmp_
                                                                       match):
     with pytest.raises(error, match=match):
         loop.run_search(compose_search(tiny + overrides), tmp_path)
+
+
+def _fake_acceleration(settings):
+    from types import SimpleNamespace
+
+    from efficientllava.search.acceleration import Acceleration
+
+    fake = SimpleNamespace(settings=settings, measured={}, model="dense", release=lambda: None,
+                           build=lambda genome, space: genome)
+    fake.meets_budget = lambda measured: Acceleration.meets_budget(fake, measured)
+    return fake
+
+
+@pytest.mark.parametrize("budget, verify, speeds, chosen, tried, met", [
+    ({"min_speedup": 1.8}, 8, {"a": 1.75, "b": 1.82, "c": 1.9}, 3, [1, 3], True),  # a is below: step to b
+    ({"min_speedup": 1.8}, 8, {"a": 1.81, "b": 1.82, "c": 1.9}, 1, [1], True),  # the best already meets it
+    ({"min_speedup": 1.8}, 2, {"a": 1.7, "b": 1.75, "c": 1.9}, 1, [1, 3], False),  # c would, but only 2 plans tried
+    ({"max_prefill_ms": 95.0}, 8, {"a": 1.9, "b": 1.95, "c": 2.0}, 3, [1, 3], True),  # prefill 100 / 95 / 90 ms
+])
+def test_budget_check_prunes_the_best_plan_that_meets_the_budget_measured(monkeypatch, budget, verify, speeds,
+                                                                          chosen, tried, met):
+    from types import SimpleNamespace
+
+    from efficientllava.search import acceleration
+    from efficientllava.search.acceleration import Acceleration, AccelerationSettings
+
+    calls = []
+
+    def measure(dense, twin, samples, repeats):
+        calls.append((dense, twin, repeats))
+        ms = {"a": 100.0, "b": 95.0, "c": 90.0}[twin]
+        return {"speedup": speeds[twin], "pruned_seconds": ms / 1000, "quartiles": [speeds[twin] - 0.02,
+                                                                                     speeds[twin] + 0.02]}
+
+    monkeypatch.setattr(acceleration, "scoring_speedup", measure)
+    fake = _fake_acceleration(AccelerationSettings(verify=verify, **budget))
+    space = SimpleNamespace(key=lambda genome: genome, predicted_speedup=lambda genome: 1.85)
+    candidates = [{"id": 1, "genome": "a", "fitness": 0.70}, {"id": 2, "genome": "a", "fitness": 0.69},
+                  {"id": 3, "genome": "b", "fitness": 0.68}, {"id": 4, "genome": "c", "fitness": 0.60}]
+    check = Acceleration.verify_budget(fake, space, candidates, samples=None, repeats=21)
+    assert check["candidate"]["id"] == chosen and check["met"] is met
+    assert [c["id"] for c in check["checked"]] == tried  # candidate 2 repeats plan a: not timed twice
+    assert all(dense == "dense" and repeats == 21 for dense, _, repeats in calls) and len(calls) == len(tried)
+    assert [c["meets_budget"] for c in check["checked"]] == [False] * (len(tried) - 1) + [met]
+    assert set(fake.measured) == {candidates[i - 1]["genome"] for i in tried}  # the front shows them measured
+
+
+def test_budget_check_is_off_without_a_budget_or_with_verify_zero():
+    from types import SimpleNamespace
+
+    from efficientllava.search.acceleration import Acceleration, AccelerationSettings
+
+    space = SimpleNamespace(key=lambda genome: genome, predicted_speedup=lambda genome: 1.0)
+    candidates = [{"id": 1, "genome": "a", "fitness": 0.7}]
+    assert Acceleration.verify_budget(_fake_acceleration(AccelerationSettings()), space, candidates, None, 5) is None
+    off = AccelerationSettings(min_speedup=1.5, verify=0)
+    assert Acceleration.verify_budget(_fake_acceleration(off), space, candidates, None, 5) is None
+
+
+def test_search_with_a_budget_reports_its_budget_check(tiny, tmp_path, monkeypatch):
+    from efficientllava.search import acceleration
+
+    real = acceleration.scoring_speedup
+
+    def below(dense, twin, samples, repeats, **kwargs):  # every plan checked measures under the budget
+        measured = real(dense, twin, samples, repeats=1, **kwargs)
+        return measured if kwargs else {**measured, "speedup": 0.5}  # (kwargs: the latency table's calibration)
+
+    monkeypatch.setattr(acceleration, "scoring_speedup", below)
+    cfg = compose_search(tiny + ["search.init_policy=null", "search.latency.min_speedup=1.0",
+                                 "search.latency.margin=0.02", "search.latency.verify=2",
+                                 "search.latency.measure_front=0"])
+    summary = loop.run_search(cfg, tmp_path)
+    speed = summary["speedup"]
+    assert speed["margin"] == 0.02  # the search aimed 2% past the budget, predicted
+    assert speed["max_predicted_seconds"] == pytest.approx(speed["latency_table"]["dense_seconds"] / 1.02)
+    check = summary["speedup"]["budget_check"]
+    assert check["met"] is False and 1 <= len(check["checked"]) <= 2
+    assert all(c["measured_speedup"] == 0.5 and not c["meets_budget"] for c in check["checked"])
+    assert summary["best_candidate"]["id"] == check["checked"][0]["id"]  # none met it: the best by fitness stays
+    assert json.loads((tmp_path / "summary.json").read_text())["speedup"]["budget_check"] == check
+    assert "budget check: " in loop.report(summary) and "none met it" in loop.report(summary)
+
+
+@pytest.mark.parametrize("latency, match", [
+    ({"verify": -1}, r"search.latency.verify is -1; expected an integer >= 0"),
+    ({"verify": 2.5}, r"search.latency.verify is 2.5; expected an integer >= 0"),
+    ({"margin": -0.1}, r"search.latency.margin is -0.1; expected a number in \[0, 1\)"),
+    ({"margin": "3%"}, r"search.latency.margin is '3%'; expected a number in \[0, 1\)"),
+])
+def test_bad_verify_and_margin_are_refused(latency, match):
+    from omegaconf import OmegaConf
+
+    from efficientllava.search.acceleration import read_acceleration
+
+    with pytest.raises(SettingsError, match=match):
+        read_acceleration(OmegaConf.create({"structure": {"enabled": False}, "tokens": {"enabled": True,
+                                            "layers": [1], "keep": [0.5]}, "latency": latency}))

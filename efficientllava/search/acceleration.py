@@ -61,9 +61,11 @@ class AccelerationSettings:
     token_keeps: tuple = (1.0,)
     min_speedup: float | None = None
     max_prefill_ms: float | None = None
+    margin: float = 0.0
     table: str | None = None
     repeats: int = 5
     measure_front: int = 6
+    verify: int = 8
 
     @property
     def enabled(self) -> bool:
@@ -72,7 +74,10 @@ class AccelerationSettings:
     def fingerprint(self) -> dict:
         d = asdict(self)
         d.pop("measure_front")
+        d.pop("verify")
         d.pop("table")
+        if not d["margin"]:  # runs from before the margin existed resume
+            d.pop("margin")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
@@ -118,10 +123,15 @@ def read_acceleration(search_cfg) -> AccelerationSettings:
                                   or not math.isfinite(value) or value <= 0):
             raise SettingsError(f"search.latency.{key} is {value!r}; expected a positive number or null")
         setattr(s, key, None if value is None else float(value))
+    margin = lat.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise SettingsError(f"search.latency.margin is {margin!r}; expected a number in [0, 1): the share by which "
+                            "the search's predictions must beat the budget (e.g. 0.03)")
+    s.margin = float(margin)
     if s.min_speedup is not None and s.min_speedup < 1:
         raise SettingsError(f"search.latency.min_speedup is {s.min_speedup}; expected a speedup >= 1 (or null)")
     s.table = lat.get("table")
-    for key in ("repeats", "measure_front"):
+    for key in ("repeats", "measure_front", "verify"):
         value = lat.get(key, getattr(s, key))
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "repeats" else 0):
             raise SettingsError(f"search.latency.{key} is {value!r}; expected an integer >= "
@@ -227,10 +237,10 @@ class Acceleration:
             self.table = self.measure_table(samples, model_hash)
         self.table.save(Path(run_dir) / LATENCY_TABLE)
         limits = []
-        if s.min_speedup is not None:
-            limits.append(self.table.dense / s.min_speedup)
+        if s.min_speedup is not None:  # the search aims `margin` past the budget; the result must meet it measured
+            limits.append(self.table.dense / (s.min_speedup * (1 + s.margin)))
         if s.max_prefill_ms is not None:
-            limits.append(s.max_prefill_ms / 1000.0)
+            limits.append(s.max_prefill_ms / 1000.0 / (1 + s.margin))
         self.max_seconds = min(limits) if limits else None
         for space in self.spaces:
             space.set_latency(self.table, self.max_seconds)
@@ -424,6 +434,50 @@ class Acceleration:
             done += 1
         return done
 
+    def meets_budget(self, measured: dict) -> bool:
+        """Whether an end-to-end measurement meets the run's latency budget (min_speedup, max_prefill_ms)."""
+        s = self.settings
+        return ((s.min_speedup is None or measured["speedup"] >= s.min_speedup)
+                and (s.max_prefill_ms is None or 1000 * measured["pruned_seconds"] <= s.max_prefill_ms))
+
+    def verify_budget(self, space: JointSpace, candidates: list[dict], samples, repeats: int) -> dict | None:
+        """The budget holds for predictions; the result must hold it measured. Real copies of the best candidates
+        (fitness order, distinct plans, at most `verify`) are timed against the dense model end to end, and the
+        first that meets the budget is the one to prune; if none does, the best stays and `met` is False.
+        None when there is no budget or `verify` is 0."""
+        s = self.settings
+        if s.verify == 0 or (s.min_speedup is None and s.max_prefill_ms is None) or not candidates:
+            return None
+        self.release()
+        checked, keys, chosen = [], set(), None
+        for record in candidates:
+            key = space.key(record["genome"])
+            if key in keys:
+                continue
+            if len(keys) == s.verify:
+                break
+            keys.add(key)
+            twin = self.build(record["genome"], space)
+            measured = scoring_speedup(self.model, twin, samples, repeats=repeats)
+            del twin
+            self.measured[key] = measured
+            ok = self.meets_budget(measured)
+            checked.append({"id": record["id"], "fitness": record["fitness"],
+                            "predicted_speedup": space.predicted_speedup(record["genome"]),
+                            "measured_speedup": measured["speedup"], "measured_quartiles": measured["quartiles"],
+                            "pruned_ms": 1000 * measured["pruned_seconds"], "meets_budget": ok})
+            log.info("budget check: candidate %d (fitness %.4f) predicted %.2fx, measured %.2fx (%.2f-%.2f): %s",
+                     record["id"], record["fitness"], checked[-1]["predicted_speedup"], measured["speedup"],
+                     *measured["quartiles"], "meets the budget" if ok else "below the budget")
+            if ok:
+                chosen = record
+                break
+        if chosen is None:
+            log.warning("budget check: none of the %d best plans met the latency budget measured; keeping the best "
+                        "by fitness (candidate %d)", len(checked), candidates[0]["id"])
+        return {"met": chosen is not None, "candidate": chosen if chosen is not None else candidates[0],
+                "checked": checked, "repeats": repeats}
+
     def finalize(self, space: JointSpace, genome, prune_weights) -> torch.nn.Module:
         """Shrink the model for real to the candidate's structure, run `prune_weights()` (the final unstructured
         prune, on the shrunk layers), then attach its visual-token pruning. Returns a dense copy to time against."""
@@ -442,7 +496,7 @@ class Acceleration:
 
 def budget_summary(acceleration: Acceleration) -> dict:
     s, t = acceleration.settings, acceleration.table
-    return {"min_speedup": s.min_speedup, "max_prefill_ms": s.max_prefill_ms,
+    return {"min_speedup": s.min_speedup, "max_prefill_ms": s.max_prefill_ms, "margin": s.margin,
             "max_predicted_seconds": acceleration.max_seconds,
             "latency_table": {"device": t.device, "dense_seconds": t.dense, "rest_seconds": t.rest, "scale": t.scale,
                               "anchor": t.anchor, "entries": sum(len(v) for v in t.attn.values())

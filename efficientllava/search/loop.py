@@ -373,6 +373,11 @@ class SearchRun:
         if accel is not None:  # real copies of the predicted front, timed against the dense model
             front_measured = accel.measure_front(space, self.rows, self.samples)
         best = self.final_candidates[0]
+        budget_check = None
+        if accel is not None:  # the plan to prune must meet the budget measured, not only predicted
+            budget_check = accel.verify_budget(space, self.final_candidates, self.samples, s.speed_repeats)
+            if budget_check is not None:
+                best = budget_check.pop("candidate")
         ratios = space.ratios(best["genome"])
 
         o = self.final_options
@@ -456,7 +461,8 @@ class SearchRun:
                                        "machine (latency_table.json), calibrated end to end",
                                        "estimated_how": "FLOPs (torch.utils.flop_counter) with the linear layers' "
                                        "kept share: shrinking, dropped tokens, unstructured ratio (ideal sparse "
-                                       "engine)", "front_measured": front_measured, **budget_summary(accel)})
+                                       "engine)", "front_measured": front_measured, **budget_summary(accel),
+                                       "budget_check": budget_check})
             summary["pruned"].update({"structure": policy.structure, "tokens": policy.tokens,
                                       "parameters": parameters})
         self.write_outputs(summary, rows, policy, final_row)
@@ -530,8 +536,17 @@ def report(summary: dict) -> str:
            f"{p['parameters']['pruned']:,}; visual tokens: "
            + (f"keep {p['tokens']['keep']} after layer {p['tokens']['layer']}" if p["tokens"] else "all kept")]
           if "structure" in p else []),
+        *([_budget_line(sp["budget_check"])] if sp.get("budget_check") else []),
         f"  speedup: measured {sp['measured']:.2f}x ({sp['measured_how']}); "
         + (f"predicted {sp['predicted']:.2f}x (latency table); " if "predicted" in sp else "")
         + f"estimated {sp['estimated']:.2f}x (FLOPs, ideal sparse engine)",
         f"  outputs: {summary['run_dir']}",
     ])
+
+
+def _budget_line(check: dict) -> str:
+    tried = ", ".join(f"{c['measured_speedup']:.2f}x" for c in check["checked"])
+    last = check["checked"][-1]
+    verdict = (f"candidate {last['id']} met it" if check["met"]
+               else "none met it; the best by fitness was kept")
+    return f"  budget check: {len(check['checked'])} plan(s) measured in fitness order ({tried}); {verdict}"
