@@ -66,7 +66,7 @@ def test_ablations_change_what_they_say():
     speed = compose_search(["experiment=speed_toy"])
     assert speed.model.attn_implementation == "eager" and speed.search.target_sparsity == 0.0
     assert list(speed.search.structure.attn_choices) == [0.0]
-    assert speed.search.latency.min_speedup == 1.8 and speed.search.latency.margin == 0.03  # 1.8x measured
+    assert speed.search.latency.min_speedup == 1.8 and speed.search.latency.margin == 0.05  # 1.8x measured
     assert min(speed.search.tokens.keep) == 0.0625  # one of the toy's 16 image tokens
     assert 1.0 in speed.search.structure.mlp_choices and speed.search.eta == 0  # whole MLPs may go: eta must be 0
 
