@@ -69,6 +69,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _flat_rows(index: torch.Tensor, length: int) -> torch.Tensor:
+    """A (batch, n) index of positions in rows of `length` as row numbers of the (batch * length)-row flattening."""
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * length).reshape(-1)
+
+
 def _gather(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """t gathered along `dim` by a (batch, n) index (t's batch dim may be 1: broadcast first). Done as one
     index_select of whole rows of the flattened tensor: on a CPU, several times faster than `Tensor.gather`."""
@@ -77,8 +82,7 @@ def _gather(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
         t = t.expand(b, *t.shape[1:])
     moved = t.movedim(dim, 1)
     length, rest = moved.shape[1], moved.shape[2:]
-    flat = (index + torch.arange(b, device=index.device)[:, None] * length).reshape(-1)
-    return moved.reshape(b * length, -1).index_select(0, flat).view(b, n, *rest).movedim(1, dim)
+    return moved.reshape(b * length, -1).index_select(0, _flat_rows(index, length)).view(b, n, *rest).movedim(1, dim)
 
 
 class VisualTokenPruner:
@@ -312,8 +316,7 @@ class VisualTokenPruner:
         hidden = output.last_hidden_state
         b, _, width = hidden.shape
         length = state["length"]
-        kept = state["kept"].to(hidden.device)
-        flat = (kept + torch.arange(b, device=kept.device)[:, None] * length).reshape(-1)
+        flat = _flat_rows(state["kept"].to(hidden.device), length)
         full = hidden.new_zeros(b * length, width).index_copy_(0, flat, hidden.reshape(-1, width))
         output.last_hidden_state = full.view(b, length, width)
         self.forward_state = None
