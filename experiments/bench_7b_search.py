@@ -47,6 +47,7 @@ def overrides(args, model_dir: Path, run_dir: Path) -> list[str]:
         f"data.build.sizes={{train:8,val:{args.n_search},test:{args.n_heldout}}}",
         f"+data.build.cache_dir={run_dir / 'data_cache'}", "logger=none",
         f"n_search={args.n_search}", f"n_heldout={args.n_heldout}", "heldout_top=1", "speed_repeats=2",
+        "final_rerank=1",  # the search's best is pruned, as in the measured runs (a try is a whole 7B prune)
         f"eval_batch_size={args.batch_size}", "save_pruned_model=false",
         f"search.population={args.population}", f"search.generations={args.generations}",
         f"search.top_k={max(2, args.population // 4)}", "search.choices=[0.3,0.4,0.5,0.6,0.7]",

@@ -43,6 +43,7 @@ def test_joint_search_writes_speed_columns_and_a_loadable_shrunk_model(tiny, tmp
     assert all(r["predicted_speedup"] > 0 and r["estimated_speedup"] >= 1 for r in rows)
     assert summary["speedup"]["front_measured"] == len({json.dumps(r["policy"]["genome"]) for r in measured})
     assert "predicted" in summary["speedup"] and summary["pruned"]["parameters"]["pruned"] > 0
+    assert summary["final_rerank"] is None  # final_rerank: null is 1 with structure / tokens / latency on
 
     policy = json.loads((tmp_path / "best_policy.json").read_text())
     assert policy["structure"] == summary["pruned"]["structure"] and policy.get("tokens", {}) == \

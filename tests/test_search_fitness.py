@@ -14,6 +14,7 @@ from efficientllava.search.fitness import (
     choice_outcomes,
     choice_probabilities,
     fitness,
+    generalization_of,
     generalization_term,
     letter_accuracy,
     letter_predictions,
@@ -42,6 +43,18 @@ def test_generalization_term_is_the_log_norm_ratio_sum(setup):
                           / torch.linalg.vector_norm(dense[n]).item()) for n in names)
     bank.restore(model)
     assert generalization_term(table, policy) == pytest.approx(manual, rel=1e-6)
+
+
+def test_generalization_of_the_weights_a_model_holds_equals_the_table(setup):
+    """The final rerank measures G on the final pruner's weights: on bank weights it must be the table's G."""
+    model, _, bank, names, _ = setup
+    table = log_norm_table(bank)
+    policy = {n: CHOICES[(i + 1) % len(CHOICES)] for i, n in enumerate(names)}
+    assert generalization_of(model, bank, names) == pytest.approx(0.0, abs=1e-9)  # dense
+    bank.assemble(model, policy)
+    held = generalization_of(model, bank, names)
+    bank.restore(model)
+    assert held == pytest.approx(generalization_term(table, policy), rel=1e-6) and held < 0
 
 
 def test_generalization_term_is_zero_dense_and_falls_with_sparsity(setup):

@@ -100,6 +100,9 @@ def no_work(monkeypatch):
      r"search.projector.check is 'accuracy'; expected one of \['score', 'loss'\]"),
     (["search.projector.loss=mse"], SettingsError, r"search.projector.loss is 'mse'; expected one of \['answer', "
                                                    r"'distill'\]"),
+    (["final_rerank=0"], SettingsError, r"final_rerank is 0; expected an integer >= 1"),
+    (["final_rerank=2", "search.tokens.enabled=true"], SettingsError,
+     r"final_rerank is 2 with structured shrinking, visual-token pruning or a latency budget enabled; expected 1"),
 ])
 def test_bad_inputs_raise_before_work(tiny, tmp_path, no_work, overrides, error, match):
     with pytest.raises(error, match=match):
@@ -152,6 +155,9 @@ def test_search_end_to_end_writes_every_output(tiny, tmp_path):
     assert abs(summary["pruned"]["policy_sparsity"] - 0.5) <= 0.005
     assert summary["speedup"]["measured"] > 0 and summary["speedup"]["estimated"] > 1
     assert "round 1" in summary["pruned"]["projector"]
+    # final_rerank: null reranks up to 8 distinct weight-sparsity plans (population 4 here: at most 4)
+    assert 1 <= len(summary["final_rerank"]["tried"]) <= 4
+    assert summary["best_candidate"]["id"] == summary["final_rerank"]["chosen"]
 
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "pruned_model")
     AutoProcessor.from_pretrained(tmp_path / "pruned_model")
@@ -167,6 +173,38 @@ def test_search_end_to_end_writes_every_output(tiny, tmp_path):
     again = loop.run_search(compose_search(tiny), tmp_path)  # same run dir: everything is reused
     assert again["candidates_evaluated_this_run"] == 0
     assert json.loads((tmp_path / "best_policy.json").read_text())["ratios"] == policy["ratios"]
+
+
+def test_the_final_rerank_prunes_the_best_plans_and_keeps_the_best_by_its_own_fitness(tiny, tmp_path, monkeypatch):
+    """final_rerank=3: up to three distinct plans (fitness order) are pruned by the final pruner and scored again;
+    the best of them by that fitness is the result, whatever the bank ranked first. Here the second try is made the
+    best by its G, so the result must be the second plan, pruned as the rerank pruned it."""
+    import json
+
+    real, calls = loop.generalization_of, []
+
+    def generalization_of(model, bank, names):
+        calls.append(1)
+        return -1e4 if len(calls) == 2 else real(model, bank, names)
+
+    monkeypatch.setattr(loop, "generalization_of", generalization_of)
+    summary = loop.run_search(compose_search(tiny + ["final_rerank=3", "heldout_top=2", "save_pruned_model=false",
+                                                     "search.population=6"]), tmp_path)
+    rerank = summary["final_rerank"]
+    tried = rerank["tried"]
+    assert 2 <= len(tried) <= 3 and len({t["id"] for t in tried}) == len(tried)
+    assert [t["bank_fitness"] for t in tried] == sorted((t["bank_fitness"] for t in tried), reverse=True)
+    assert ["heldout_acc" in t for t in tried] == [True, True, False][: len(tried)]
+    for t in tried:
+        assert t["fitness"] == pytest.approx(t["score"] / 100 - 0.01 * t["G"])
+    assert rerank["chosen"] == tried[1]["id"] and rerank["changed"] is True
+    assert summary["best_candidate"]["id"] == tried[1]["id"]
+    assert f"final rerank: {len(tried)} plan(s)" in loop.report(summary)
+    assert f"candidate {tried[1]['id']} (the search's #2) chosen" in loop.report(summary)
+    assert json.loads((tmp_path / "best_policy.json").read_text())["search"]["candidate"] == tried[1]["id"]
+    # the result is the rerank's second try, pruned again: the same samples scored the same
+    assert summary["pruned"]["search_acc"] == pytest.approx(tried[1]["search_acc"])
+    assert summary["pruned"]["heldout_acc"] == pytest.approx(tried[1]["heldout_acc"])
 
 
 @pytest.mark.parametrize("check, losses, scores, accepted", [

@@ -36,6 +36,7 @@ from efficientllava.evaluation import MODEL_INPUTS, MODES, generate_from_batch, 
 from efficientllava.likelihood import option_logprobs
 from efficientllava.vqa import vqa_accuracy
 from efficientllava.pruning.bank import DENSE, choice_key
+from efficientllava.pruning.layers import get_linear
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,17 @@ def generalization_term(table: dict[str, dict[str, float]], ratios: dict) -> flo
             raise KeyError(f"layer {name!r}: choice {key!r} is not in the generalization table; "
                            f"expected one of the bank's choices {sorted(table[name])}")
         total += table[name][key]
+    return total
+
+
+def generalization_of(model, bank, names) -> float:
+    """G of the weights the model holds now (e.g. after the final prune, with its weight updates), against the
+    bank's dense weights of the same layers."""
+    total = 0.0
+    for name in names:
+        base = torch.linalg.vector_norm(bank.weight(name, 0.0).float()).item()
+        norm = torch.linalg.vector_norm(get_linear(model, name).weight.detach().float()).item()
+        total += math.log(max(norm, 1e-30) / max(base, 1e-30))
     return total
 
 

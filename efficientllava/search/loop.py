@@ -33,8 +33,8 @@ from efficientllava.pruning import PruningBank, get_linear, prune_model, pruner_
 from efficientllava.search import baselines
 from efficientllava.search.acceleration import Acceleration, budget_summary
 from efficientllava.search.evolution import rank, run_evolution
-from efficientllava.search.fitness import (FitnessEvaluator, SearchSamples, forward_seconds, sample_metric,
-                                           task_scores)
+from efficientllava.search.fitness import (FitnessEvaluator, SearchSamples, fitness, forward_seconds,
+                                           generalization_of, sample_metric, task_scores)
 from efficientllava.search.pareto import mark_front, plot_front
 from efficientllava.search.settings import SearchSettings, SettingsError, read_settings
 from efficientllava.search.tracking import SearchTracker
@@ -43,6 +43,7 @@ from efficientllava.speed import (ESTIMATE_HOW, ESTIMATED, estimated_speedup, fl
                                   parameter_count, scoring_speedup)
 
 log = logging.getLogger("search")
+AUTO_RERANK = 8  # final_rerank: null, weight-sparsity plans (README, Search)
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------------
@@ -128,6 +129,11 @@ class SearchRun:
         self.accel = Acceleration.setup(cfg.search, self.model, self.space)
         if self.accel is not None:
             self.space = self.accel.space
+            if s.final_rerank is not None and s.final_rerank > 1:
+                raise SettingsError(f"final_rerank is {s.final_rerank} with structured shrinking, visual-token pruning "
+                                    "or a latency budget enabled; expected 1 or null there (the rerank prunes "
+                                    "weight-sparsity plans in place; those plans are shrunk and timed)")
+        self.rerank = s.final_rerank if s.final_rerank is not None else (1 if self.accel is not None else AUTO_RERANK)
         if s.strategy in ("owl", "ecoflap"):
             block = baselines.block_space(self.weight_space(self.space))
             self.strategy_space = self.accel.strategy_space(block) if self.accel is not None else block
@@ -373,6 +379,9 @@ class SearchRun:
         if accel is not None:  # real copies of the predicted front, timed against the dense model
             front_measured = accel.measure_front(space, self.rows, self.samples)
         best = self.final_candidates[0]
+        rerank = None
+        if self.rerank > 1:  # the best plans pruned for real and scored again (weight sparsity only)
+            best, rerank = self.rerank_final(self.final_candidates)
         budget_check = None
         if accel is not None:  # the plan to prune must meet the budget measured, not only predicted
             budget_check = accel.verify_budget(space, self.final_candidates, self.samples, s.speed_repeats)
@@ -436,6 +445,7 @@ class SearchRun:
                        "pruner": final_row["label"],
                        "projector": self.projector_label(),
                        "prune_seconds": prune_seconds},
+            "final_rerank": rerank,
             "best_candidate": {"id": best["id"], "search_acc": best["acc"], "G": best["G"],
                                "fitness": best["fitness"], "sparsity": best["sparsity"],
                                "heldout_acc": self.heldout_acc.get(best["id"]),
@@ -471,6 +481,42 @@ class SearchRun:
         self.tracker.generation(len(self.seen), rows, {**best, "search_acc": best["acc"]})
         self.tracker.finish(summary, step=len(self.seen))
         return summary
+
+    def rerank_final(self, candidates: list[dict]) -> tuple[dict, dict]:
+        """The bank's weights rank the candidates; the final pruner (SparseGPT's weight updates, sequential
+        calibration) changes them. The best `final_rerank` distinct plans (fitness order) are each pruned by the final
+        pruner and scored again on the N search samples with the search's own fitness (task score - eta * G, G of the
+        pruned weights); the best of them is the one pruned for the result. The held-out split is not looked at for
+        the choice: the first `heldout_top` tries are evaluated on it afterwards, for the record."""
+        s, model, space, o = self.settings, self.model, self.strategy_space, self.final_options
+        tried, keys = [], set()
+        for record in candidates:
+            key = space.key(record["genome"])
+            if key in keys:
+                continue
+            if len(keys) == self.rerank:
+                break
+            keys.add(key)
+            self.bank.restore(model)
+            start = time.perf_counter()
+            prune_model(model, space.ratios(record["genome"]), o["method"], self.calib_batches,
+                        sequential=o["sequential"], blocksize=o["blocksize"], damp=o["damp"], offload=o["offload"])
+            acc, score = self.evaluator.score(self.samples)
+            g = generalization_of(model, self.bank, self.names)
+            entry = {"id": record["id"], "bank_fitness": record["fitness"], "bank_search_acc": record["acc"],
+                     "fitness": fitness(score / 100.0, g, s.eta), "search_acc": acc, "score": score, "G": g,
+                     "seconds": time.perf_counter() - start, "record": record}
+            if len(tried) < s.heldout_top:
+                entry["heldout_acc"] = accuracy_by_category(model, self.heldout)["acc"]
+            tried.append(entry)
+            log.info("final rerank: candidate %d (bank fitness %.4f) pruned by %s: fitness %.4f, %.2f%% on the search "
+                     "samples%s", record["id"], record["fitness"], o["method"], entry["fitness"], acc,
+                     f", {entry['heldout_acc']:.2f}% held-out (not used)" if "heldout_acc" in entry else "")
+        self.bank.restore(model)
+        chosen = max(tried, key=lambda e: e["fitness"])  # ties: the earlier (better by the bank)
+        best = chosen["record"]
+        return best, {"tried": [{k: v for k, v in e.items() if k != "record"} for e in tried],
+                      "chosen": best["id"], "changed": best["id"] != candidates[0]["id"]}
 
     def write_outputs(self, summary: dict, rows: list[dict], policy: Policy, final_row: dict) -> None:
         d = self.run_dir
@@ -537,6 +583,7 @@ def report(summary: dict) -> str:
            + (f"keep {p['tokens']['keep']} after layer {p['tokens']['layer']}" if p["tokens"] else "all kept")]
           if "structure" in p else []),
         *([_budget_line(sp["budget_check"])] if sp.get("budget_check") else []),
+        *([_rerank_line(summary["final_rerank"])] if summary.get("final_rerank") else []),
         f"  speedup: measured {sp['measured']:.2f}x ({sp['measured_how']}); "
         + (f"predicted {sp['predicted']:.2f}x (latency table); " if "predicted" in sp else "")
         + f"estimated {sp['estimated']:.2f}x (FLOPs, ideal sparse engine)",
@@ -550,3 +597,12 @@ def _budget_line(check: dict) -> str:
     verdict = (f"candidate {last['id']} met it" if check["met"]
                else "none met it; the best by fitness was kept")
     return f"  budget check: {len(check['checked'])} plan(s) measured in fitness order ({tried}); {verdict}"
+
+
+def _rerank_line(rerank: dict) -> str:
+    tried = rerank["tried"]
+    position = [t["id"] for t in tried].index(rerank["chosen"]) + 1
+    verdict = ("the search's best kept" if not rerank["changed"]
+               else f"candidate {rerank['chosen']} (the search's #{position}) chosen")
+    return (f"  final rerank: {len(tried)} plan(s) pruned by the final pruner and scored on the search samples "
+            f"(fitness {min(t['fitness'] for t in tried):.4f}-{max(t['fitness'] for t in tried):.4f}); {verdict}")

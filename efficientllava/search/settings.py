@@ -53,6 +53,7 @@ class SearchSettings:
     heldout_split: str
     n_heldout: int | None
     heldout_top: int
+    final_rerank: int | None  # None: AUTO_RERANK for weight-sparsity plans, 1 with structure/tokens/latency
     eval_batch_size: int
     speed_repeats: int
     steady_heap_mib: int | None
@@ -216,6 +217,8 @@ def read_settings(cfg) -> SearchSettings:
         search_split=str(cfg.get("search_split", "val")),
         heldout_split=str(cfg.get("heldout_split", "test")), n_heldout=n_heldout,
         heldout_top=_int(cfg, "heldout_top", 3, minimum=0, where=""),
+        final_rerank=(None if cfg.get("final_rerank", None) is None
+                      else _int(cfg, "final_rerank", minimum=1, where="")),
         eval_batch_size=_int(cfg, "eval_batch_size", 64, minimum=1, where=""),
         speed_repeats=_int(cfg, "speed_repeats", 5, minimum=1, where=""),
         steady_heap_mib=_steady_heap(cfg.get("steady_heap_mib", None)),
