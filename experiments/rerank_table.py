@@ -35,12 +35,9 @@ def run_row(run: Path, m: int = 4) -> dict:
     tried = rerank["tried"]
     ids = [t["id"] for t in tried]
     held = [t["heldout_acc"] for t in tried if "heldout_acc" in t]
-
-    def heldout(t: dict):
-        return t.get("heldout_acc")
-
     return {"run": str(run), "target": summary["target_sparsity"], "tries": len(tried),
-            "first": heldout(tried[0]), f"rerank_{m}": heldout(pick(tried, m)) if len(tried) >= m else None,
+            "first": tried[0].get("heldout_acc"),
+            f"rerank_{m}": pick(tried, m).get("heldout_acc") if len(tried) >= m else None,
             "chosen_position": ids.index(rerank["chosen"]) + 1, "final": summary["pruned"]["heldout_acc"],
             "range": (min(held), max(held)) if held else None, "evaluated": len(held)}
 

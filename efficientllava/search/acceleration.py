@@ -35,6 +35,7 @@ from efficientllava.policy import SearchSpace
 from efficientllava.pruning.bank import DENSE, choice_key
 from efficientllava.pruning.structured import (IMPORTANCE, StructureError, StructureMasker, compute_importance,
                                                decoder_geometry, shrink_model)
+from efficientllava.search.evolution import distinct_best
 from efficientllava.search.fitness import fitness
 from efficientllava.search.settings import SettingsError
 from efficientllava.search.space import JointSpace, StructureChoices, TokenChoices
@@ -449,18 +450,12 @@ class Acceleration:
         if s.verify == 0 or (s.min_speedup is None and s.max_prefill_ms is None) or not candidates:
             return None
         self.release()
-        checked, keys, chosen = [], set(), None
-        for record in candidates:
-            key = space.key(record["genome"])
-            if key in keys:
-                continue
-            if len(keys) == s.verify:
-                break
-            keys.add(key)
+        checked, chosen = [], None
+        for record in distinct_best(candidates, space.key, s.verify):
             twin = self.build(record["genome"], space)
             measured = scoring_speedup(self.model, twin, samples, repeats=repeats)
             del twin
-            self.measured[key] = measured
+            self.measured[space.key(record["genome"])] = measured
             ok = self.meets_budget(measured)
             checked.append({"id": record["id"], "fitness": record["fitness"],
                             "predicted_speedup": space.predicted_speedup(record["genome"]),

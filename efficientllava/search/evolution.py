@@ -58,6 +58,17 @@ def rank(records: list[dict]) -> list[dict]:
     return sorted(records, key=lambda r: (-r["fitness"], r["slot"]))
 
 
+def distinct_best(records: list[dict], key, limit: int) -> list[dict]:
+    """The first `limit` records (in the given order) whose plans differ: `key(genome)` names a plan."""
+    out, seen = [], set()
+    for record in records:
+        k = key(record["genome"])
+        if k not in seen and len(out) < limit:
+            seen.add(k)
+            out.append(record)
+    return out
+
+
 def mutate(space: SearchSpace, genome, prob: float, max_step: int, rng: np.random.Generator) -> list[int]:
     out = list(genome)
     sizes = space.gene_sizes

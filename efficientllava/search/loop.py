@@ -32,7 +32,7 @@ from efficientllava.projector import (check_loss, load_projector, load_projector
 from efficientllava.pruning import PruningBank, get_linear, prune_model, pruner_options, select_from_config, sparsity
 from efficientllava.search import baselines
 from efficientllava.search.acceleration import Acceleration, budget_summary
-from efficientllava.search.evolution import rank, run_evolution
+from efficientllava.search.evolution import distinct_best, rank, run_evolution
 from efficientllava.search.fitness import (FitnessEvaluator, SearchSamples, fitness, forward_seconds,
                                            generalization_of, sample_metric, task_scores)
 from efficientllava.search.pareto import mark_front, plot_front
@@ -393,8 +393,7 @@ class SearchRun:
         start = time.perf_counter()
 
         def prune_weights():
-            prune_model(model, ratios, o["method"], self.calib_batches, sequential=o["sequential"],
-                        blocksize=o["blocksize"], damp=o["damp"], offload=o["offload"])
+            self.final_prune(ratios)
 
         dense_model = accel.finalize(space, best["genome"], prune_weights) if accel is not None else prune_weights()
         prune_seconds = time.perf_counter() - start
@@ -482,25 +481,24 @@ class SearchRun:
         self.tracker.finish(summary, step=len(self.seen))
         return summary
 
+    def final_prune(self, ratios: dict) -> None:
+        """The final pruner (`final` config) on the model in place, calibrated on the N search samples."""
+        o = self.final_options
+        prune_model(self.model, ratios, o["method"], self.calib_batches, sequential=o["sequential"],
+                    blocksize=o["blocksize"], damp=o["damp"], offload=o["offload"])
+
     def rerank_final(self, candidates: list[dict]) -> tuple[dict, dict]:
         """The bank's weights rank the candidates; the final pruner (SparseGPT's weight updates, sequential
         calibration) changes them. The best `final_rerank` distinct plans (fitness order) are each pruned by the final
         pruner and scored again on the N search samples with the search's own fitness (task score - eta * G, G of the
         pruned weights); the best of them is the one pruned for the result. The held-out split is not looked at for
         the choice: the first `heldout_top` tries are evaluated on it afterwards, for the record."""
-        s, model, space, o = self.settings, self.model, self.strategy_space, self.final_options
-        tried, keys = [], set()
-        for record in candidates:
-            key = space.key(record["genome"])
-            if key in keys:
-                continue
-            if len(keys) == self.rerank:
-                break
-            keys.add(key)
+        s, model, space = self.settings, self.model, self.strategy_space
+        tried = []
+        for record in distinct_best(candidates, space.key, self.rerank):
             self.bank.restore(model)
             start = time.perf_counter()
-            prune_model(model, space.ratios(record["genome"]), o["method"], self.calib_batches,
-                        sequential=o["sequential"], blocksize=o["blocksize"], damp=o["damp"], offload=o["offload"])
+            self.final_prune(space.ratios(record["genome"]))
             acc, score = self.evaluator.score(self.samples)
             g = generalization_of(model, self.bank, self.names)
             entry = {"id": record["id"], "bank_fitness": record["fitness"], "bank_search_acc": record["acc"],
@@ -510,7 +508,7 @@ class SearchRun:
                 entry["heldout_acc"] = accuracy_by_category(model, self.heldout)["acc"]
             tried.append(entry)
             log.info("final rerank: candidate %d (bank fitness %.4f) pruned by %s: fitness %.4f, %.2f%% on the search "
-                     "samples%s", record["id"], record["fitness"], o["method"], entry["fitness"], acc,
+                     "samples%s", record["id"], record["fitness"], self.final_options["method"], entry["fitness"], acc,
                      f", {entry['heldout_acc']:.2f}% held-out (not used)" if "heldout_acc" in entry else "")
         self.bank.restore(model)
         chosen = max(tried, key=lambda e: e["fitness"])  # ties: the earlier (better by the bank)
