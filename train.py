@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> dict:
     if cfg.eval_only:
         model, processor = load_from_config(cfg.model)
     else:
-        model, processor = build_toy_llava(ToyArchitecture(**cfg.architecture), seed=cfg.seed)
+        model, processor = build_toy_llava(ToyArchitecture(**cfg.architecture), seed=cfg.seed,
+                                           attn_implementation=cfg.model.get("attn_implementation"))
     stages = check_stages(OmegaConf.to_container(cfg.stages, resolve=True))
     total_steps = sum(stage["steps"] for stage in stages.values())
     if cfg.eval_only:

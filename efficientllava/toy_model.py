@@ -130,8 +130,10 @@ def text_config(arch: ToyArchitecture, vocab_size: int):
     )
 
 
-def build_toy_llava(arch: ToyArchitecture | None = None, seed: int = 0):
-    """A freshly initialised toy LLaVA and its processor."""
+def build_toy_llava(arch: ToyArchitecture | None = None, seed: int = 0, attn_implementation: str | None = None):
+    """A freshly initialised toy LLaVA and its processor. `attn_implementation` (transformers' names: 'eager',
+    'sdpa', ...) sets the attention kernels of every sub-model; None keeps transformers' default. It is not saved
+    with the model: a saved toy loads with the loader's choice (conf/model: attn_implementation)."""
     import torch
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -157,4 +159,10 @@ def build_toy_llava(arch: ToyArchitecture | None = None, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    if attn_implementation is not None:
+        try:
+            model.set_attn_implementation(attn_implementation)
+        except (ValueError, ImportError) as error:
+            raise ValueError(f"attn_implementation={attn_implementation!r} is not available for the toy LLaVA: "
+                             f"{error}") from None
     return model, processor

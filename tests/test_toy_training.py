@@ -171,6 +171,22 @@ def test_image_layout_puts_the_image_before_or_after_the_text(test_records):
         build_toy_llava(ToyArchitecture(image_layout="top"))
 
 
+def test_attn_implementation_sets_the_training_kernels_and_is_not_saved(test_records, tmp_path):
+    default, processor = build_toy_llava(TINY, seed=0)
+    eager = build_toy_llava(TINY, seed=0, attn_implementation="eager")[0]
+    assert default.config._attn_implementation != "eager"
+    assert {c._attn_implementation for c in (eager.config, eager.config.text_config, eager.config.vision_config)} == {
+        "eager"}
+    batch = Collator(processor).prompts(test_records[:4], ["short"] * 4)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():  # same weights, other kernels: the same logits up to rounding
+        torch.testing.assert_close(eager(**inputs).logits, default(**inputs).logits, atol=1e-5, rtol=1e-4)
+    eager.save_pretrained(tmp_path)
+    assert "eager" not in (tmp_path / "config.json").read_text()
+    with pytest.raises(ValueError, match="attn_implementation='fastest' is not available for the toy LLaVA"):
+        build_toy_llava(TINY, attn_implementation="fastest")
+
+
 def test_format_curriculum_follows_the_stages():
     assert format_curriculum(STAGES) == [[0, {"short": 1.0}], [3, {"short": 1.0}], [5, {"short": 1.0, "letter": 1.0}]]
 

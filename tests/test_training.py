@@ -96,6 +96,14 @@ def test_a_bad_heap_threshold_fails_before_training(tmp_path):
     assert not (tmp_path / "train" / "checkpoints").exists()
 
 
+@pytest.mark.slow
+def test_train_builds_the_toy_with_the_model_configs_attention_kernels(tmp_path):
+    out = run(["model.attn_implementation=fastest", "logger=csv", f"hydra.run.dir={tmp_path}/train"], ROOT)
+    assert out.returncode != 0
+    assert "attn_implementation='fastest' is not available for the toy LLaVA" in out.stderr
+    assert not (tmp_path / "train" / "checkpoints").exists()
+
+
 def test_a_training_batch_moves_its_tensors_and_leaves_its_records_alone():
     from efficientllava.data.datamodule import BenchmarkDataModule
 
