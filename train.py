@@ -50,7 +50,8 @@ def main(cfg: DictConfig) -> dict:
                      "host_heap": heap}
     if not cfg.eval_only:
         start = time.perf_counter()
-        module = StagedToyTraining(model, processor, categories, stages, **OmegaConf.to_container(cfg.optim, resolve=True))
+        module = StagedToyTraining(model, processor, categories, stages, **OmegaConf.to_container(cfg.optim, resolve=True),
+                                   scene=OmegaConf.to_container(cfg.scene, resolve=True))
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
         summary["train_seconds"] = round(time.perf_counter() - start, 1)
         with atomic_directory(cfg.save_dir) as tmp:

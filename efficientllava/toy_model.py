@@ -44,6 +44,7 @@ def toy_corpus() -> list[str]:
         text += [f"Where is the {name}?"]
         text += [f"How many objects are {r} the {name}?" for r in RELATIONS]
         text += [f"Is the {name} {r} the" for r in RELATIONS]
+        text += [f"What is directly {r} the {name}?" for r in RELATIONS]
     return text
 
 

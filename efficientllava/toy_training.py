@@ -29,6 +29,7 @@ from efficientllava.models import image_features
 from efficientllava.training import LlavaTrainingModule, cosine_schedule, per_sample_loss
 
 STAGES = ("scenes", "align", "joint")
+NEIGHBOURS = ("left", "right", "above", "below")
 CELL_CLASSES = ("empty", *(f"{c} {s}" for c in COLOURS for s in SHAPES), *(f"digit {d}" for d in range(10)))
 _INDEX = {name: i for i, name in enumerate(CELL_CLASSES)}
 
@@ -52,9 +53,16 @@ def cell_classes(records: list[dict]) -> torch.Tensor:
 class SceneEmbedding(nn.Module):
     """What a perfect vision tower + projector would hand the language model, per cell: an embedding of the
     cell's content plus one of its row and one of its column. Rows and columns start on a line (a random
-    direction scaled from -1 to 1), so "left of" and "above" begin as linear comparisons."""
+    direction scaled from -1 to 1), so "left of" and "above" begin as linear comparisons.
 
-    def __init__(self, hidden: int, grid: int = GRID, std: float = 0.02):
+    A vision tower attends across the whole image, so its features are contextual. Two options hand the language
+    model some of that context too, as a contextual tower could compute it: `neighbours` adds, at each cell, the
+    contents of its four neighbours (left, right, above, below; 'empty' past the grid's edge), each direction
+    through its own embedding; `summary` adds, at every cell, the sum of a per-content embedding over the scene's
+    cells (a linear function of how many cells hold each content, what a head attending evenly to all cells sees)."""
+
+    def __init__(self, hidden: int, grid: int = GRID, std: float = 0.02, neighbours: bool = False,
+                 summary: bool = False):
         super().__init__()
         self.grid = grid
         self.content = nn.Embedding(len(CELL_CLASSES), hidden)
@@ -62,14 +70,34 @@ class SceneEmbedding(nn.Module):
         ramp = torch.linspace(-1.0, 1.0, grid)[:, None]
         self.row = nn.Parameter(ramp * torch.randn(1, hidden) * std)
         self.column = nn.Parameter(ramp * torch.randn(1, hidden) * std)
+        self.neighbours = nn.Embedding(len(NEIGHBOURS) * len(CELL_CLASSES), hidden) if neighbours else None
+        self.summary = nn.Embedding(len(CELL_CLASSES), hidden) if summary else None
+        for table in (self.neighbours, self.summary):
+            if table is not None:
+                nn.init.normal_(table.weight, std=std)
 
     @property
     def position(self) -> torch.Tensor:
         """(cells, hidden) in reading order."""
         return (self.row[:, None, :] + self.column[None, :, :]).reshape(self.grid * self.grid, -1)
 
+    def around(self, classes: torch.Tensor) -> torch.Tensor:
+        """(batch, NEIGHBOURS, cells): the content class of each cell's neighbour in each direction."""
+        grid = classes.view(-1, self.grid, self.grid)
+        edge = _INDEX["empty"]
+        padded = nn.functional.pad(grid, (1, 1, 1, 1), value=edge)
+        inner = slice(1, self.grid + 1)
+        shifted = [padded[:, inner, :-2], padded[:, inner, 2:], padded[:, :-2, inner], padded[:, 2:, inner]]
+        return torch.stack(shifted, 1).reshape(classes.shape[0], len(NEIGHBOURS), -1)
+
     def forward(self, classes: torch.Tensor) -> torch.Tensor:
-        return self.content(classes) + self.position
+        out = self.content(classes) + self.position
+        if self.neighbours is not None:
+            offsets = torch.arange(len(NEIGHBOURS), device=classes.device)[None, :, None] * len(CELL_CLASSES)
+            out = out + self.neighbours(self.around(classes) + offsets).sum(1)
+        if self.summary is not None:
+            out = out + self.summary(classes).sum(-2, keepdim=True) / self.grid
+        return out
 
 
 def alignment_loss(features: torch.Tensor, target: torch.Tensor, classes: torch.Tensor, object_weight: float = 4.0):
@@ -203,6 +231,18 @@ def check_stages(stages: dict) -> dict[str, dict]:
     return out
 
 
+def check_scene(scene: dict | None) -> dict[str, bool]:
+    """SceneEmbedding's options ({neighbours, summary}, each true or false; None: both off)."""
+    scene = dict(scene or {})
+    unknown = sorted(set(scene) - {"neighbours", "summary"})
+    if unknown:
+        raise ValueError(f"unknown scene option(s) {unknown}; expected some of ['neighbours', 'summary']")
+    for key, value in scene.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"scene.{key}={value!r}; expected true or false")
+    return scene
+
+
 def stage_starts(stages: dict[str, dict]) -> dict[str, int]:
     starts, step = {}, 0
     for name, stage in stages.items():
@@ -222,7 +262,8 @@ def format_curriculum(stages: dict) -> list:
 class StagedToyTraining(LlavaTrainingModule):
     """The toy's scenes → align → joint training as one LightningModule (validation as in the base module)."""
 
-    def __init__(self, model, processor, categories, stages: dict, grad_clip=1.0, betas=(0.9, 0.999), weight_decay=0.0):
+    def __init__(self, model, processor, categories, stages: dict, grad_clip=1.0, betas=(0.9, 0.999), weight_decay=0.0,
+                 scene: dict | None = None):
         stages = check_stages(stages)
         layers = model.config.text_config.num_hidden_layers
         for name, stage in stages.items():
@@ -234,7 +275,7 @@ class StagedToyTraining(LlavaTrainingModule):
         self.stages, self.starts = stages, stage_starts(stages)
         self.total_steps = sum(s["steps"] for s in stages.values())
         self.object_weight = stages.get("align", {}).get("object_weight", 4.0)
-        self.scene = SceneEmbedding(model.config.text_config.hidden_size)
+        self.scene = SceneEmbedding(model.config.text_config.hidden_size, **check_scene(scene))
         self.save_hyperparameters(ignore=["model", "processor"])
 
     def stage_at(self, step: int) -> str:

@@ -162,3 +162,48 @@ def test_training_batches_hold_the_records_the_sampler_drew(small_benchmark, tin
         reference = collator.answers(records, curriculum.formats(len(records)))
         assert reference.keys() == batch.keys() - {"records"}
         assert all(torch.equal(reference[k], batch[k]) for k in reference)
+
+
+def test_neighbour_relation_asks_for_the_adjacent_object():
+    """relation_form=neighbour: "What is directly left of the red circle?" names the object in the next cell in
+    that direction; the reference is the only object of its colour, and the scene's other objects come first among
+    the distractors."""
+    from efficientllava.data.toy_benchmark import NEIGHBOURS
+
+    cols = generate_split("val", 300, 0, relation_form="neighbour", categories=["relation"])
+    asked = collections.Counter()
+    for question, choices, answer, lecture in zip(cols["question"], cols["choices"], cols["answer"], cols["lecture"]):
+        match = re.fullmatch(r"What is directly (left of|right of|above|below) the (\w+ \w+)\?", question)
+        assert match, question
+        relation, name = match.groups()
+        asked[relation] += 1
+        cells = lecture.split(" , ")
+        assert cells.count(name) == 1 and sum(c.split()[0] == name.split()[0] for c in cells) == 1
+        row, col = divmod(cells.index(name), 4)
+        dr, dc = NEIGHBOURS[relation]
+        assert choices[answer] == cells[(row + dr) * 4 + col + dc]
+        others = {c for c in cells if c not in ("empty", name, choices[answer])}
+        distractors = [c for i, c in enumerate(choices) if i != answer]
+        assert set(distractors) >= others or set(distractors) <= others, (choices, others)
+    assert set(asked) == set(NEIGHBOURS) and min(asked.values()) > 40
+
+
+def test_categories_choose_what_is_built(tmp_path):
+    kinds = ["colour", "relation", "digit_sum"]
+    counts = collections.Counter(generate_split("test", 300, 0, categories=kinds)["category"])
+    assert counts == {k: 100 for k in kinds}
+    default = build_toy_benchmark(3, {"val": 8}, cache_dir=tmp_path)
+    chosen = build_toy_benchmark(3, {"val": 8}, cache_dir=tmp_path, categories=kinds, relation_form="neighbour")
+    assert len(list(tmp_path.iterdir())) == 2
+    assert set(chosen["val"]["category"]) <= set(kinds) and default["val"]["question"] != chosen["val"]["question"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"categories": []}, "categories \\[\\] are not a non-empty list"),
+    ({"categories": ["colour", "size"]}, "expected some of \\['colour'"),
+    ({"categories": ["digit", "digit"]}, "not a non-empty list of distinct"),
+    ({"relation_form": "sideways"}, "relation_form='sideways' is unknown; expected one of \\['yes_no', 'neighbour'\\]"),
+])
+def test_bad_categories_and_relation_form(options, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        build_toy_benchmark(0, {"val": 4}, cache_dir=tmp_path, **options)

@@ -274,3 +274,31 @@ def test_validation_in_the_scenes_stage_reads_the_scene_not_the_pixels(test_reco
         module.tally.reset()
     assert hits[0] == hits[1] == {r["id"]: (module.tally.categories.index(r["category"]), (e == r["answer"],),
                                             (e == 0,), r["answer"] == 0) for r, e in zip(records, expected)}
+
+
+def test_scene_neighbours_and_summary_reach_the_cells_they_should():
+    """scene.neighbours adds each cell's four neighbours' contents (so a change in one cell moves that cell and its
+    up to four neighbours), scene.summary adds the same whole-scene vector to every cell; both off: the cell alone."""
+    from efficientllava.toy_training import SceneEmbedding, _INDEX
+
+    torch.manual_seed(0)
+    classes = torch.full((1, 16), _INDEX["empty"])
+    classes[0, 5] = _INDEX["red circle"]
+    around = SceneEmbedding(8, neighbours=True).around(classes)[0]
+    assert around.shape == (4, 16)  # left, right, above, below
+    assert [int(around[d].ne(_INDEX["empty"]).nonzero()) for d in range(4)] == [6, 4, 9, 1]
+    other = classes.clone()
+    other[0, 5] = _INDEX["blue square"]
+    for options, moved in [({}, {5}), ({"neighbours": True}, {1, 4, 5, 6, 9}), ({"summary": True}, set(range(16)))]:
+        scene = SceneEmbedding(8, **options)
+        changed = (scene(classes) - scene(other)).abs().sum(-1)[0].nonzero().flatten().tolist()
+        assert set(changed) == moved, options
+
+
+@pytest.mark.parametrize("scene, message", [({"neighbors": True}, "unknown scene option"),
+                                            ({"summary": "yes"}, "scene.summary='yes'; expected true or false")])
+def test_bad_scene_options_fail_clearly(scene, message):
+    from efficientllava.toy_training import check_scene
+
+    with pytest.raises(ValueError, match=message):
+        check_scene(scene)

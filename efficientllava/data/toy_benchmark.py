@@ -27,6 +27,7 @@ DEFAULT_SIZES = {"train": 30000, "val": 1000, "test": 2000}
 RELATIONS = ("left of", "right of", "above", "below")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 COLOUR_NAMES = tuple(COLOURS)
+OBJECT_NAMES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 
 
 class _Scene:
@@ -128,6 +129,25 @@ def _relation(s: _Scene):
     return f"Is the {obj_a.name} {relation} the {obj_b.name}?", answer, ("yes", "no")
 
 
+NEIGHBOURS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
+
+
+def _neighbour(s: _Scene):
+    """"What is directly left of the red circle?": the object in the adjacent cell, named by colour and shape; the
+    scene's other objects are the first distractors, so the relation word decides between objects that are there."""
+    relation = s._pick(s.relations)
+    dr, dc = NEIGHBOURS[relation]
+    cells = [c for c in s.free if 0 <= c // 4 + dr < 4 and 0 <= c % 4 + dc < 4]
+    cell = cells[int(s.rng.integers(len(cells)))]
+    colour = s._pick(COLOUR_NAMES)
+    ref = s.add_shape(s._pick(SHAPES), colour, cell)
+    others = _others(COLOUR_NAMES, colour)
+    target = s.add_shape(s._pick(SHAPES), s._pick(others), (ref.row + dr) * 4 + ref.col + dc)
+    s.add_random_shapes(int(s.rng.integers(1, 4)), colours=others)
+    near = [o.name for o in s.objects if o is not ref and o.name != target.name]
+    return f"What is directly {relation} the {ref.name}?", target.name, OBJECT_NAMES, near
+
+
 def _digit(s: _Scene):
     target = s.add_digit()
     s.add_random_shapes(int(s.rng.integers(0, 3)))
@@ -159,20 +179,26 @@ GENERATORS: dict[str, Callable] = {
     "count_relation": _count_relation,
     "digit_sum": _digit_sum,
 }
+# how the relation category asks: "Is the red circle left of the blue square?" (yes/no; the shipped toy's) or
+# "What is directly left of the red circle?" (the adjacent object's name)
+RELATION_FORMS = {"yes_no": _relation, "neighbour": _neighbour}
 HINTS = {"digit": "The digits are handwritten.", "digit_sum": "The digits are handwritten."}
 NUMERIC = {"counting", "digit", "count_relation", "digit_sum"}
 
 
-def _choices(rng: np.random.Generator, category: str, answer: str, space: tuple[str, ...]):
-    """2-5 options holding the answer at a uniformly drawn position; numeric distractors lie near the answer."""
+def _choices(rng: np.random.Generator, category: str, answer: str, space: tuple[str, ...], near=()):
+    """2-5 options holding the answer at a uniformly drawn position; numeric distractors lie near the answer, and
+    `near` (other answers the scene makes plausible) are drawn before the rest of the space."""
     k = int(rng.integers(2, min(5, len(space)) + 1))
-    distractors = [o for o in space if o != answer]
+    near = list(dict.fromkeys(o for o in near if o != answer))
+    distractors = [o for o in space if o != answer and o not in near]
     if category in NUMERIC:
         weights = np.array([1.0 / (abs(int(o) - int(answer)) ** 1.5) for o in distractors])
     else:
         weights = np.ones(len(distractors))
-    picked = rng.choice(len(distractors), size=k - 1, replace=False, p=weights / weights.sum())
-    options = [distractors[i] for i in picked]
+    first = [near[i] for i in rng.permutation(len(near))[: k - 1]] if near else []
+    picked = rng.choice(len(distractors), size=k - 1 - len(first), replace=False, p=weights / weights.sum())
+    options = first + [distractors[i] for i in picked]
     position = int(rng.integers(k))
     options.insert(position, answer)
     return options, position
@@ -193,18 +219,40 @@ def check_relations(relations) -> tuple[str, ...]:
     return relations
 
 
-def generate_split(split: str, n: int, seed: int, relations=None) -> dict[str, list]:
-    """n records of one split; the same (split, n, seed, relations) always gives the same records."""
+def check_categories(categories) -> tuple[str, ...]:
+    """The categories a build asks for: a non-empty list of distinct CATEGORIES (None: all eight)."""
+    if categories is None:
+        return CATEGORIES
+    categories = tuple(str(c) for c in categories)
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if not categories or unknown or len(set(categories)) != len(categories):
+        raise ValueError(f"toy benchmark categories {list(categories)} are not a non-empty list of distinct "
+                         f"category names; expected some of {list(CATEGORIES)} (or null for all)")
+    return categories
+
+
+def check_relation_form(form: str) -> str:
+    if form not in RELATION_FORMS:
+        raise ValueError(f"toy benchmark relation_form={form!r} is unknown; expected one of {list(RELATION_FORMS)}")
+    return form
+
+
+def generate_split(split: str, n: int, seed: int, relations=None, relation_form: str = "yes_no",
+                   categories=None) -> dict[str, list]:
+    """n records of one split; the same (split, n, seed, relations, relation_form, categories) always gives the
+    same records."""
     relations = check_relations(relations)
+    kinds = check_categories(categories)
+    generators = {**GENERATORS, "relation": RELATION_FORMS[check_relation_form(relation_form)]}
     offset = {"train": 0, "val": 1, "test": 2}[split]
     rng = np.random.default_rng([seed, offset])
     pool = "train" if split == "train" else "heldout"
-    categories = [CATEGORIES[i % len(CATEGORIES)] for i in rng.permutation(n)]
+    categories = [kinds[i % len(kinds)] for i in rng.permutation(n)]
     columns: dict[str, list] = {k: [] for k in FEATURES}
     for i, category in enumerate(categories):
         scene = _Scene(rng, pool, relations)
-        question, answer, space = GENERATORS[category](scene)
-        choices, position = _choices(rng, category, answer, space)
+        question, answer, space, *near = generators[category](scene)
+        choices, position = _choices(rng, category, answer, space, *near)
         columns["id"].append(f"toy-{split}-{i:06d}")
         columns["image"].append(render(scene.objects, pool, rng))
         columns["question"].append(question)
@@ -223,7 +271,8 @@ def default_cache_dir() -> Path:
 
 
 def build_toy_benchmark(
-    seed: int = 0, sizes: dict[str, int] | None = None, cache_dir: str | Path | None = None, relations=None
+    seed: int = 0, sizes: dict[str, int] | None = None, cache_dir: str | Path | None = None, relations=None,
+    relation_form: str = "yes_no", categories=None,
 ):
     """The benchmark as a `datasets.DatasetDict`, cached on disk under a key of its seed, sizes, relation words and
     version. `relations` (default: all four) restricts the relation words the relation and count_relation questions
@@ -238,16 +287,19 @@ def build_toy_benchmark(
         if int(n) < 1:
             raise ValueError(f"toy benchmark split {split!r} asks for {n} records; expected at least 1")
     relations = check_relations(relations)
+    kinds = check_categories(categories)
     parts = [BENCHMARK_VERSION, seed, sorted(sizes.items())]
-    if relations != RELATIONS:  # the default keeps the key it always had
+    if relations != RELATIONS:  # the defaults keep the key it always had
         parts.append(list(relations))
+    if check_relation_form(relation_form) != "yes_no" or kinds != CATEGORIES:
+        parts.append({"relation_form": relation_form, "categories": list(kinds)})
     key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
     path = Path(cache_dir or default_cache_dir()) / f"toy_benchmark-{key}"
     if (path / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(path))
     splits = {}
     for split, n in sizes.items():
-        columns = generate_split(split, int(n), seed, relations)
+        columns = generate_split(split, int(n), seed, relations, relation_form, kinds)
         columns["image"] = [Image.fromarray(a) for a in columns["image"]]
         splits[split] = datasets.Dataset.from_dict(columns, features=FEATURES)
     dataset = datasets.DatasetDict(splits)
