@@ -30,10 +30,15 @@ def main():
     parser.add_argument("--n-test", type=int, default=None)
     parser.add_argument("--likelihood", action="store_true", help="also score options by likelihood")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--relation-form", default=None, help="the benchmark's relation_form (default: its own)")
+    parser.add_argument("--categories", nargs="+", default=None, help="the benchmark's categories (default: its own)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    data = build_toy_benchmark(args.seed)
+    options = {"categories": args.categories}
+    if args.relation_form is not None:
+        options["relation_form"] = args.relation_form
+    data = build_toy_benchmark(args.seed, **options)
     test = data["test"] if args.n_test is None else data["test"].select(range(args.n_test))
     calib_records = [data["val"][i] for i in range(args.n_calib)]
     dense, processor = load_llava(args.model, device="cpu")

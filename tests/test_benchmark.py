@@ -7,7 +7,7 @@ import pytest
 from efficientllava.data.prompts import build_prompt, build_target
 from efficientllava.data.schema import FEATURES
 from efficientllava.data.scenes import digit_pools
-from efficientllava.data.toy_benchmark import CATEGORIES, build_toy_benchmark, generate_split
+from efficientllava.data.toy_benchmark import CATEGORIES, DEFAULT_CATEGORIES, build_toy_benchmark, generate_split
 
 
 def test_same_seed_same_records_other_seed_other_records():
@@ -39,8 +39,8 @@ def test_cache_is_reused(small_benchmark, tmp_path):
 
 
 def test_every_category_present_and_balanced():
-    counts = collections.Counter(generate_split("test", 800, 0)["category"])
-    assert set(counts) == set(CATEGORIES)
+    counts = collections.Counter(generate_split("test", 700, 0)["category"])
+    assert set(counts) == set(DEFAULT_CATEGORIES) == set(CATEGORIES) - {"count_relation"}
     assert all(v == 100 for v in counts.values())
 
 
@@ -95,7 +95,7 @@ def test_train_categories_restrict_only_the_train_split(small_benchmark, tiny_to
     assert set(train["category"]) == {"relation", "digit"}
     seen = {r["category"] for batch in data.train_dataloader() for r in batch["records"]}
     assert seen == {"relation", "digit"}
-    assert len(data.categories()) == 8 and len(data.split("val")) == len(small_benchmark["val"])
+    assert len(data.categories()) == 7 and len(data.split("val")) == len(small_benchmark["val"])
     assert len(BenchmarkDataModule(lambda: small_benchmark, processor).train_records()) == 64
 
 
@@ -113,7 +113,7 @@ def test_relations_restrict_the_relation_words_asked():
     full = generate_split("val", 400, 0)
     asked = {m for q in full["question"] for m in relation_words.findall(q)}
     assert asked == {"left of", "right of", "above", "below"}
-    one_per_axis = generate_split("val", 400, 0, ["left of", "above"])
+    one_per_axis = generate_split("val", 400, 0, ["left of", "above"], "yes_no", CATEGORIES)
     kinds = collections.Counter(
         m for q, c in zip(one_per_axis["question"], one_per_axis["category"])
         if c in ("relation", "count_relation") for m in relation_words.findall(q)
@@ -165,12 +165,12 @@ def test_training_batches_hold_the_records_the_sampler_drew(small_benchmark, tin
 
 
 def test_neighbour_relation_asks_for_the_adjacent_object():
-    """relation_form=neighbour: "What is directly left of the red circle?" names the object in the next cell in
+    """relation_form=neighbour (the default): "What is directly left of the red circle?" names the object in the next cell in
     that direction; the reference is the only object of its colour, and the scene's other objects come first among
     the distractors."""
     from efficientllava.data.toy_benchmark import NEIGHBOURS
 
-    cols = generate_split("val", 300, 0, relation_form="neighbour", categories=["relation"])
+    cols = generate_split("val", 300, 0, categories=["relation"])
     asked = collections.Counter()
     for question, choices, answer, lecture in zip(cols["question"], cols["choices"], cols["answer"], cols["lecture"]):
         match = re.fullmatch(r"What is directly (left of|right of|above|below) the (\w+ \w+)\?", question)
@@ -193,7 +193,7 @@ def test_categories_choose_what_is_built(tmp_path):
     counts = collections.Counter(generate_split("test", 300, 0, categories=kinds)["category"])
     assert counts == {k: 100 for k in kinds}
     default = build_toy_benchmark(3, {"val": 8}, cache_dir=tmp_path)
-    chosen = build_toy_benchmark(3, {"val": 8}, cache_dir=tmp_path, categories=kinds, relation_form="neighbour")
+    chosen = build_toy_benchmark(3, {"val": 8}, cache_dir=tmp_path, categories=kinds, relation_form="yes_no")
     assert len(list(tmp_path.iterdir())) == 2
     assert set(chosen["val"]["category"]) <= set(kinds) and default["val"]["question"] != chosen["val"]["question"]
 
@@ -207,3 +207,21 @@ def test_categories_choose_what_is_built(tmp_path):
 def test_bad_categories_and_relation_form(options, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         build_toy_benchmark(0, {"val": 4}, cache_dir=tmp_path, **options)
+
+
+def test_train_mix_weighs_the_train_split_only(tmp_path):
+    mix = {"relation": 3, "digit": 0.5}
+    train = collections.Counter(generate_split("train", 850, 0, train_mix=mix)["category"])
+    assert train == {"relation": 300, "digit": 50, **{k: 100 for k in DEFAULT_CATEGORIES if k not in mix}}
+    test = collections.Counter(generate_split("test", 700, 0, train_mix=mix)["category"])
+    assert set(test.values()) == {100}
+    build_toy_benchmark(3, {"val": 8}, cache_dir=tmp_path)
+    build_toy_benchmark(3, {"val": 8}, cache_dir=tmp_path, train_mix=mix)
+    assert len(list(tmp_path.iterdir())) == 2  # its own cache key
+
+
+@pytest.mark.parametrize("mix, message", [({"count_relation": 2}, "names categories \\['count_relation'\\] not built"),
+                                          ({"relation": 0}, "weights \\{'relation': 0\\} not > 0")])
+def test_bad_train_mix(mix, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        build_toy_benchmark(0, {"val": 4}, cache_dir=tmp_path, train_mix=mix)

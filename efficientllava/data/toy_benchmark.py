@@ -1,9 +1,12 @@
 """The toy visual multiple-choice benchmark, built deterministically from a seed in the project's schema.
 
-Eight categories, all of which need the image: colour, shape, counting, position, relation, digit (scikit-learn's
-handwritten digits) and two compositional ones, count_relation ("how many objects are left of the red circle") and
-digit_sum ("what is the sum of the two digits"). Distractor options are drawn near the answer where answers are
-numbers, so picking the right letter needs the same work as producing the answer.
+Seven categories by default, all of which need the image: colour, shape, counting, position, relation ("what is
+directly left of the red circle?"), digit (scikit-learn's handwritten digits) and the compositional digit_sum ("what
+is the sum of the two digits?"). On request (`relation_form`, `categories`) it also builds what the benchmark asked
+before version 3: relation as a yes/no comparison ("is the red circle left of the blue square?") and the
+compositional count_relation ("how many objects are left of the red circle?"). Distractor options are drawn near the
+answer where answers are numbers, and among the scene's other objects where answers name one, so picking the right
+letter needs the same work as producing the answer.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from efficientllava.data.schema import FEATURES
 
 log = logging.getLogger(__name__)
 
-BENCHMARK_VERSION = 2
+BENCHMARK_VERSION = 3
 CATEGORIES = ("colour", "shape", "counting", "position", "relation", "digit", "count_relation", "digit_sum")
+DEFAULT_CATEGORIES = tuple(c for c in CATEGORIES if c != "count_relation")
+DEFAULT_RELATION_FORM = "neighbour"
 DEFAULT_SIZES = {"train": 30000, "val": 1000, "test": 2000}
 RELATIONS = ("left of", "right of", "above", "below")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
@@ -220,9 +225,9 @@ def check_relations(relations) -> tuple[str, ...]:
 
 
 def check_categories(categories) -> tuple[str, ...]:
-    """The categories a build asks for: a non-empty list of distinct CATEGORIES (None: all eight)."""
+    """The categories a build asks for: a non-empty list of distinct CATEGORIES (None: DEFAULT_CATEGORIES)."""
     if categories is None:
-        return CATEGORIES
+        return DEFAULT_CATEGORIES
     categories = tuple(str(c) for c in categories)
     unknown = [c for c in categories if c not in CATEGORIES]
     if not categories or unknown or len(set(categories)) != len(categories):
@@ -237,17 +242,44 @@ def check_relation_form(form: str) -> str:
     return form
 
 
-def generate_split(split: str, n: int, seed: int, relations=None, relation_form: str = "yes_no",
-                   categories=None) -> dict[str, list]:
-    """n records of one split; the same (split, n, seed, relations, relation_form, categories) always gives the
-    same records."""
+def check_train_mix(mix, categories) -> dict[str, float] | None:
+    """Relative weights of the categories in the train split ({category: weight > 0}; unnamed categories weigh 1;
+    None: every category equally often)."""
+    if mix is None:
+        return None
+    mix = {str(k): v for k, v in dict(mix).items()}
+    unknown = sorted(set(mix) - set(categories))
+    bad = {k: v for k, v in mix.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0}
+    if unknown or bad:
+        raise ValueError(f"toy benchmark train_mix {mix} names categories {unknown} not built or weights {bad} not "
+                         f"> 0; expected {{category: weight > 0}} over {list(categories)}")
+    return {k: float(mix.get(k, 1.0)) for k in categories}
+
+
+def _category_order(rng: np.random.Generator, n: int, kinds: tuple[str, ...], mix: dict[str, float] | None):
+    """The category of each of n records: each kind equally often, or in proportion to `mix`, in random order."""
+    if mix is None:
+        return [kinds[i % len(kinds)] for i in rng.permutation(n)]
+    weights = np.array([mix[k] for k in kinds])
+    counts = np.floor(n * weights / weights.sum()).astype(int)
+    counts[np.argsort(-(n * weights / weights.sum() - counts), kind="stable")[: n - counts.sum()]] += 1
+    order = np.repeat(np.arange(len(kinds)), counts)
+    return [kinds[i] for i in order[rng.permutation(n)]]
+
+
+def generate_split(split: str, n: int, seed: int, relations=None, relation_form: str = DEFAULT_RELATION_FORM,
+                   categories=None, train_mix=None) -> dict[str, list]:
+    """n records of one split; the same (split, n, seed, relations, relation_form, categories, train_mix) always
+    gives the same records. `train_mix` weighs the categories of the train split only (val and test keep every
+    category equally often)."""
     relations = check_relations(relations)
     kinds = check_categories(categories)
+    mix = check_train_mix(train_mix, kinds) if split == "train" else None
     generators = {**GENERATORS, "relation": RELATION_FORMS[check_relation_form(relation_form)]}
     offset = {"train": 0, "val": 1, "test": 2}[split]
     rng = np.random.default_rng([seed, offset])
     pool = "train" if split == "train" else "heldout"
-    categories = [kinds[i % len(kinds)] for i in rng.permutation(n)]
+    categories = _category_order(rng, n, kinds, mix)
     columns: dict[str, list] = {k: [] for k in FEATURES}
     for i, category in enumerate(categories):
         scene = _Scene(rng, pool, relations)
@@ -272,11 +304,12 @@ def default_cache_dir() -> Path:
 
 def build_toy_benchmark(
     seed: int = 0, sizes: dict[str, int] | None = None, cache_dir: str | Path | None = None, relations=None,
-    relation_form: str = "yes_no", categories=None,
+    relation_form: str = DEFAULT_RELATION_FORM, categories=None, train_mix=None,
 ):
-    """The benchmark as a `datasets.DatasetDict`, cached on disk under a key of its seed, sizes, relation words and
-    version. `relations` (default: all four) restricts the relation words the relation and count_relation questions
-    ask, e.g. one direction per axis."""
+    """The benchmark as a `datasets.DatasetDict`, cached on disk under a key of its version, seed, sizes and any
+    option that is not the default. `relations` (default: all four) restricts the relation words the relation and
+    count_relation questions ask, e.g. one direction per axis; `relation_form`, `categories` and `train_mix`: see
+    RELATION_FORMS, check_categories and check_train_mix."""
     import datasets
     from PIL import Image
 
@@ -289,17 +322,18 @@ def build_toy_benchmark(
     relations = check_relations(relations)
     kinds = check_categories(categories)
     parts = [BENCHMARK_VERSION, seed, sorted(sizes.items())]
-    if relations != RELATIONS:  # the defaults keep the key it always had
+    if relations != RELATIONS:  # the defaults add nothing to the key
         parts.append(list(relations))
-    if check_relation_form(relation_form) != "yes_no" or kinds != CATEGORIES:
-        parts.append({"relation_form": relation_form, "categories": list(kinds)})
+    mix = check_train_mix(train_mix, kinds)
+    if check_relation_form(relation_form) != DEFAULT_RELATION_FORM or kinds != DEFAULT_CATEGORIES or mix is not None:
+        parts.append({"relation_form": relation_form, "categories": list(kinds), "train_mix": mix})
     key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
     path = Path(cache_dir or default_cache_dir()) / f"toy_benchmark-{key}"
     if (path / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(path))
     splits = {}
     for split, n in sizes.items():
-        columns = generate_split(split, int(n), seed, relations, relation_form, kinds)
+        columns = generate_split(split, int(n), seed, relations, relation_form, kinds, mix)
         columns["image"] = [Image.fromarray(a) for a in columns["image"]]
         splits[split] = datasets.Dataset.from_dict(columns, features=FEATURES)
     dataset = datasets.DatasetDict(splits)
