@@ -29,7 +29,7 @@ from efficientllava.models import image_features
 from efficientllava.training import LlavaTrainingModule, cosine_schedule, per_sample_loss
 
 STAGES = ("scenes", "align", "joint")
-NEIGHBOURS = ("left", "right", "above", "below")
+DIRECTIONS = ("left", "right", "above", "below")  # of a cell's neighbours (SceneEmbedding)
 CELL_CLASSES = ("empty", *(f"{c} {s}" for c in COLOURS for s in SHAPES), *(f"digit {d}" for d in range(10)))
 _INDEX = {name: i for i, name in enumerate(CELL_CLASSES)}
 
@@ -70,7 +70,7 @@ class SceneEmbedding(nn.Module):
         ramp = torch.linspace(-1.0, 1.0, grid)[:, None]
         self.row = nn.Parameter(ramp * torch.randn(1, hidden) * std)
         self.column = nn.Parameter(ramp * torch.randn(1, hidden) * std)
-        self.neighbours = nn.Embedding(len(NEIGHBOURS) * len(CELL_CLASSES), hidden) if neighbours else None
+        self.neighbours = nn.Embedding(len(DIRECTIONS) * len(CELL_CLASSES), hidden) if neighbours else None
         self.summary = nn.Embedding(len(CELL_CLASSES), hidden) if summary else None
         for table in (self.neighbours, self.summary):
             if table is not None:
@@ -82,18 +82,18 @@ class SceneEmbedding(nn.Module):
         return (self.row[:, None, :] + self.column[None, :, :]).reshape(self.grid * self.grid, -1)
 
     def around(self, classes: torch.Tensor) -> torch.Tensor:
-        """(batch, NEIGHBOURS, cells): the content class of each cell's neighbour in each direction."""
+        """(batch, DIRECTIONS, cells): the content class of each cell's neighbour in each direction."""
         grid = classes.view(-1, self.grid, self.grid)
         edge = _INDEX["empty"]
         padded = nn.functional.pad(grid, (1, 1, 1, 1), value=edge)
         inner = slice(1, self.grid + 1)
         shifted = [padded[:, inner, :-2], padded[:, inner, 2:], padded[:, :-2, inner], padded[:, 2:, inner]]
-        return torch.stack(shifted, 1).reshape(classes.shape[0], len(NEIGHBOURS), -1)
+        return torch.stack(shifted, 1).reshape(classes.shape[0], len(DIRECTIONS), -1)
 
     def forward(self, classes: torch.Tensor) -> torch.Tensor:
         out = self.content(classes) + self.position
         if self.neighbours is not None:
-            offsets = torch.arange(len(NEIGHBOURS), device=classes.device)[None, :, None] * len(CELL_CLASSES)
+            offsets = torch.arange(len(DIRECTIONS), device=classes.device)[None, :, None] * len(CELL_CLASSES)
             out = out + self.neighbours(self.around(classes) + offsets).sum(1)
         if self.summary is not None:
             out = out + self.summary(classes).sum(-2, keepdim=True) / self.grid

@@ -184,8 +184,8 @@ GENERATORS: dict[str, Callable] = {
     "count_relation": _count_relation,
     "digit_sum": _digit_sum,
 }
-# how the relation category asks: "Is the red circle left of the blue square?" (yes/no; the shipped toy's) or
-# "What is directly left of the red circle?" (the adjacent object's name)
+# how the relation category asks: "What is directly left of the red circle?" (the adjacent object's name; the
+# default since version 3) or "Is the red circle left of the blue square?" (yes/no; version 2)
 RELATION_FORMS = {"yes_no": _relation, "neighbour": _neighbour}
 HINTS = {"digit": "The digits are handwritten.", "digit_sum": "The digits are handwritten."}
 NUMERIC = {"counting", "digit", "count_relation", "digit_sum"}
@@ -232,7 +232,7 @@ def check_categories(categories) -> tuple[str, ...]:
     unknown = [c for c in categories if c not in CATEGORIES]
     if not categories or unknown or len(set(categories)) != len(categories):
         raise ValueError(f"toy benchmark categories {list(categories)} are not a non-empty list of distinct "
-                         f"category names; expected some of {list(CATEGORIES)} (or null for all)")
+                         f"category names; expected some of {list(CATEGORIES)} (or null for {list(DEFAULT_CATEGORIES)})")
     return categories
 
 
