@@ -32,6 +32,19 @@ STAGES = ("scenes", "align", "joint")
 DIRECTIONS = ("left", "right", "above", "below")  # of a cell's neighbours (SceneEmbedding)
 CELL_CLASSES = ("empty", *(f"{c} {s}" for c in COLOURS for s in SHAPES), *(f"digit {d}" for d in range(10)))
 _INDEX = {name: i for i, name in enumerate(CELL_CLASSES)}
+# the attributes a cell's content is made of ('red circle' = red + circle), for SceneEmbedding(factored=True)
+ATTRIBUTES = ("empty", *COLOURS, *SHAPES, *(f"digit {d}" for d in range(10)))
+
+
+def attribute_matrix() -> torch.Tensor:
+    """(CELL_CLASSES, ATTRIBUTES) 0/1: which attributes each cell content has."""
+    out = torch.zeros(len(CELL_CLASSES), len(ATTRIBUTES))
+    index = {name: i for i, name in enumerate(ATTRIBUTES)}
+    for row, name in enumerate(CELL_CLASSES):
+        parts = [name] if name == "empty" or name.startswith("digit") else name.split()
+        for part in parts:
+            out[row, index[part]] = 1.0
+    return out
 
 
 def cell_classes(records: list[dict]) -> torch.Tensor:
@@ -59,18 +72,22 @@ class SceneEmbedding(nn.Module):
     model some of that context too, as a contextual tower could compute it: `neighbours` adds, at each cell, the
     contents of its four neighbours (left, right, above, below; 'empty' past the grid's edge), each direction
     through its own embedding; `summary` adds, at every cell, the sum of a per-content embedding over the scene's
-    cells (a linear function of how many cells hold each content, what a head attending evenly to all cells sees)."""
+    cells (a linear function of how many cells hold each content, what a head attending evenly to all cells sees).
+    `factored` builds each content from its attributes, as a tower that sees colour and shape separately would:
+    'red circle' is an embedding of red plus one of circle (ATTRIBUTES), not a vector of its own."""
 
     def __init__(self, hidden: int, grid: int = GRID, std: float = 0.02, neighbours: bool = False,
-                 summary: bool = False):
+                 summary: bool = False, factored: bool = False):
         super().__init__()
         self.grid = grid
-        self.content = nn.Embedding(len(CELL_CLASSES), hidden)
+        self.content = nn.Embedding(len(ATTRIBUTES) if factored else len(CELL_CLASSES), hidden)
         nn.init.normal_(self.content.weight, std=std)
+        self.register_buffer("attributes", attribute_matrix() if factored else None, persistent=False)
         ramp = torch.linspace(-1.0, 1.0, grid)[:, None]
         self.row = nn.Parameter(ramp * torch.randn(1, hidden) * std)
         self.column = nn.Parameter(ramp * torch.randn(1, hidden) * std)
-        self.neighbours = nn.Embedding(len(DIRECTIONS) * len(CELL_CLASSES), hidden) if neighbours else None
+        kinds = len(ATTRIBUTES) if factored else len(CELL_CLASSES)
+        self.neighbours = nn.Embedding(len(DIRECTIONS) * kinds, hidden) if neighbours else None
         self.summary = nn.Embedding(len(CELL_CLASSES), hidden) if summary else None
         for table in (self.neighbours, self.summary):
             if table is not None:
@@ -90,11 +107,20 @@ class SceneEmbedding(nn.Module):
         shifted = [padded[:, inner, :-2], padded[:, inner, 2:], padded[:, :-2, inner], padded[:, 2:, inner]]
         return torch.stack(shifted, 1).reshape(classes.shape[0], len(DIRECTIONS), -1)
 
+    def _content(self, classes: torch.Tensor) -> torch.Tensor:
+        if self.attributes is None:
+            return self.content(classes)
+        return self.attributes[classes].to(self.content.weight.dtype) @ self.content.weight
+
     def forward(self, classes: torch.Tensor) -> torch.Tensor:
-        out = self.content(classes) + self.position
-        if self.neighbours is not None:
+        out = self._content(classes) + self.position
+        if self.neighbours is not None and self.attributes is None:
             offsets = torch.arange(len(DIRECTIONS), device=classes.device)[None, :, None] * len(CELL_CLASSES)
             out = out + self.neighbours(self.around(classes) + offsets).sum(1)
+        elif self.neighbours is not None:
+            table = self.neighbours.weight.view(len(DIRECTIONS), len(ATTRIBUTES), -1)
+            attributes = self.attributes[self.around(classes)].to(table.dtype)  # (batch, directions, cells, attrs)
+            out = out + torch.einsum("bdca,dah->bch", attributes, table)
         if self.summary is not None:
             out = out + self.summary(classes).sum(-2, keepdim=True) / self.grid
         return out
@@ -232,11 +258,12 @@ def check_stages(stages: dict) -> dict[str, dict]:
 
 
 def check_scene(scene: dict | None) -> dict[str, bool]:
-    """SceneEmbedding's options ({neighbours, summary}, each true or false; None: both off)."""
+    """SceneEmbedding's options ({neighbours, summary, factored}, each true or false; None: all off)."""
     scene = dict(scene or {})
-    unknown = sorted(set(scene) - {"neighbours", "summary"})
+    options = ["neighbours", "summary", "factored"]
+    unknown = sorted(set(scene) - set(options))
     if unknown:
-        raise ValueError(f"unknown scene option(s) {unknown}; expected some of ['neighbours', 'summary']")
+        raise ValueError(f"unknown scene option(s) {unknown}; expected some of {options}")
     for key, value in scene.items():
         if not isinstance(value, bool):
             raise ValueError(f"scene.{key}={value!r}; expected true or false")

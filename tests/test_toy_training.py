@@ -295,6 +295,37 @@ def test_scene_neighbours_and_summary_reach_the_cells_they_should():
         assert set(changed) == moved, options
 
 
+def test_a_factored_scene_builds_each_content_from_its_colour_and_shape():
+    """scene.factored: 'red circle' is the red embedding plus the circle embedding (a digit and 'empty' are one
+    attribute each), at the cell and, with neighbours, at the cells next to it; changing only the shape moves the
+    same cells as with atomic contents."""
+    from efficientllava.toy_training import ATTRIBUTES, CELL_CLASSES, SceneEmbedding, _INDEX, attribute_matrix
+
+    matrix = attribute_matrix()
+    assert matrix.shape == (len(CELL_CLASSES), len(ATTRIBUTES))
+    assert matrix[_INDEX["empty"]].sum() == 1 and matrix[_INDEX["digit 7"]].sum() == 1
+    assert [ATTRIBUTES[i] for i in matrix[_INDEX["blue cross"]].nonzero().flatten()] == ["blue", "cross"]
+    torch.manual_seed(0)
+    scene = SceneEmbedding(8, factored=True, neighbours=True)
+    classes = torch.full((1, 16), _INDEX["empty"])
+    classes[0, 5] = _INDEX["red circle"]
+    content = scene.content.weight
+    expected = content[ATTRIBUTES.index("red")] + content[ATTRIBUTES.index("circle")] + scene.position[5]
+    table = scene.neighbours.weight.view(4, len(ATTRIBUTES), -1)
+    expected = expected + table[:, ATTRIBUTES.index("empty")].sum(0)  # all four neighbours of cell 5 are empty
+    assert torch.allclose(scene(classes)[0, 5], expected, atol=1e-6)
+    left_of_it = classes[0, 6]  # cell 6's left neighbour is the red circle
+    assert left_of_it == _INDEX["empty"]
+    got = scene(classes)[0, 6] - scene(torch.full((1, 16), _INDEX["empty"]))[0, 6]
+    left = table[0]  # direction 0: the content of the cell to the left
+    want = left[ATTRIBUTES.index("red")] + left[ATTRIBUTES.index("circle")] - left[ATTRIBUTES.index("empty")]
+    assert torch.allclose(got, want, atol=1e-6)
+    other = classes.clone()
+    other[0, 5] = _INDEX["red square"]
+    changed = (scene(classes) - scene(other)).abs().sum(-1)[0].nonzero().flatten().tolist()
+    assert set(changed) == {1, 4, 5, 6, 9}
+
+
 @pytest.mark.parametrize("scene, message", [({"neighbors": True}, "unknown scene option"),
                                             ({"summary": "yes"}, "scene.summary='yes'; expected true or false")])
 def test_bad_scene_options_fail_clearly(scene, message):
