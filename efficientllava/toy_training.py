@@ -80,13 +80,13 @@ class SceneEmbedding(nn.Module):
                  summary: bool = False, factored: bool = False):
         super().__init__()
         self.grid = grid
-        self.content = nn.Embedding(len(ATTRIBUTES) if factored else len(CELL_CLASSES), hidden)
+        kinds = len(ATTRIBUTES) if factored else len(CELL_CLASSES)  # the rows of each content table
+        self.content = nn.Embedding(kinds, hidden)
         nn.init.normal_(self.content.weight, std=std)
         self.register_buffer("attributes", attribute_matrix() if factored else None, persistent=False)
         ramp = torch.linspace(-1.0, 1.0, grid)[:, None]
         self.row = nn.Parameter(ramp * torch.randn(1, hidden) * std)
         self.column = nn.Parameter(ramp * torch.randn(1, hidden) * std)
-        kinds = len(ATTRIBUTES) if factored else len(CELL_CLASSES)
         self.neighbours = nn.Embedding(len(DIRECTIONS) * kinds, hidden) if neighbours else None
         self.summary = nn.Embedding(len(CELL_CLASSES), hidden) if summary else None
         for table in (self.neighbours, self.summary):

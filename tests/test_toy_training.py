@@ -314,8 +314,7 @@ def test_a_factored_scene_builds_each_content_from_its_colour_and_shape():
     table = scene.neighbours.weight.view(4, len(ATTRIBUTES), -1)
     expected = expected + table[:, ATTRIBUTES.index("empty")].sum(0)  # all four neighbours of cell 5 are empty
     assert torch.allclose(scene(classes)[0, 5], expected, atol=1e-6)
-    left_of_it = classes[0, 6]  # cell 6's left neighbour is the red circle
-    assert left_of_it == _INDEX["empty"]
+    assert classes[0, 6] == _INDEX["empty"]  # cell 6 is empty; its left neighbour, cell 5, is the red circle
     got = scene(classes)[0, 6] - scene(torch.full((1, 16), _INDEX["empty"]))[0, 6]
     left = table[0]  # direction 0: the content of the cell to the left
     want = left[ATTRIBUTES.index("red")] + left[ATTRIBUTES.index("circle")] - left[ATTRIBUTES.index("empty")]
