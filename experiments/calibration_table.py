@@ -30,6 +30,7 @@ def main():
     parser.add_argument("--n-test", type=int, default=None)
     parser.add_argument("--likelihood", action="store_true", help="also score options by likelihood")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the model is pruned and evaluated (cpu, cuda, ...)")
     parser.add_argument("--relation-form", default=None, help="the benchmark's relation_form (default: its own)")
     parser.add_argument("--categories", nargs="+", default=None, help="the benchmark's categories (default: its own)")
     args = parser.parse_args()
@@ -41,7 +42,7 @@ def main():
     data = build_toy_benchmark(args.seed, **options)
     test = data["test"] if args.n_test is None else data["test"].select(range(args.n_test))
     calib_records = [data["val"][i] for i in range(args.n_calib)]
-    dense, processor = load_llava(args.model, device="cpu")
+    dense, processor = load_llava(args.model, device=args.device)
     collator = Collator(processor)
     batches = [
         collator.prompts(calib_records[s : s + 32], ["letter" if (s + i) % 2 == 0 else "short" for i in range(32)][: len(calib_records[s : s + 32])])
