@@ -15,11 +15,11 @@ import argparse
 
 import torch
 
-from efficientllava.data.collate import Collator
 from efficientllava.data.toy_benchmark import build_toy_benchmark
 from efficientllava.models import TOY_MODEL_DIR, load_llava
 from efficientllava.pruning import calibrate, get_linear, select_layers
 from efficientllava.pruning.operators import magnitude, wanda
+from efficientllava.pruning.toy_calibration import prompt_batches
 
 
 def layer_row(name: str, weight: torch.Tensor, sq_norms: torch.Tensor, ratio: float) -> dict:
@@ -61,10 +61,7 @@ def main(argv=None) -> str:
     data = build_toy_benchmark(args.seed)
     records = [data["val"][i] for i in range(min(args.n_calib, len(data["val"])))]
     model, processor = load_llava(args.model, device="cpu")
-    collator = Collator(processor)
-    batches = [collator.prompts(records[s : s + 32],
-                                ["letter" if (s + i) % 2 == 0 else "short" for i in range(len(records[s : s + 32]))])
-               for s in range(0, len(records), 32)]
+    batches = prompt_batches(processor, records)
     out = table(profile(model, batches, args.ratio), args.ratio)
     print(out)
     return out

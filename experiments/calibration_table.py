@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from efficientllava.data.collate import Collator
 from efficientllava.data.toy_benchmark import build_toy_benchmark
 from efficientllava.evaluation import evaluate
 from efficientllava.models import TOY_MODEL_DIR, load_llava
 from efficientllava.pruning import prune_model, select_layers, sparsity
+from efficientllava.pruning.toy_calibration import prompt_batches
 
 
 def main():
@@ -43,11 +43,7 @@ def main():
     test = data["test"] if args.n_test is None else data["test"].select(range(args.n_test))
     calib_records = [data["val"][i] for i in range(args.n_calib)]
     dense, processor = load_llava(args.model, device=args.device)
-    collator = Collator(processor)
-    batches = [
-        collator.prompts(calib_records[s : s + 32], ["letter" if (s + i) % 2 == 0 else "short" for i in range(32)][: len(calib_records[s : s + 32])])
-        for s in range(0, len(calib_records), 32)
-    ]
+    batches = prompt_batches(processor, calib_records)
     layers = list(select_layers(dense))
     modes = ["letter", "likelihood"] if args.likelihood else ["letter"]
 

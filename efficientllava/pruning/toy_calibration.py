@@ -19,16 +19,20 @@ def toy_records(n: int, split: str = "train", seed: int = 0) -> list[dict]:
     return records
 
 
-def toy_batches(processor, n: int = 8, batch_size: int = 4, split: str = "train", seed: int = 0) -> list[dict]:
-    """`n` toy prompts in batches, alternating letter and short-answer formats (so batches hold padding)."""
-    records = toy_records(n, split, seed)
+def prompt_batches(processor, records, batch_size: int = 32) -> list[dict]:
+    """`records`' prompts in batches, alternating letter and short-answer formats (so batches hold padding)."""
     collator = Collator(processor)
     batches = []
-    for start in range(0, n, batch_size):
+    for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         formats = ["letter" if (start + i) % 2 == 0 else "short" for i in range(len(chunk))]
         batches.append(collator.prompts(chunk, formats))
     return batches
+
+
+def toy_batches(processor, n: int = 8, batch_size: int = 4, split: str = "train", seed: int = 0) -> list[dict]:
+    """`n` toy prompts in batches (`prompt_batches`), built in memory."""
+    return prompt_batches(processor, toy_records(n, split, seed), batch_size)
 
 
 @lru_cache(maxsize=2)
