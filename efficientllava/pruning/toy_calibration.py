@@ -1,4 +1,4 @@
-"""Calibration batches from the toy benchmark, built in memory (no dataset cache), for tests and benchmarks."""
+"""Calibration batches of toy prompts, from given records or built in memory (no cache), for tests and benchmarks."""
 from __future__ import annotations
 
 import copy
