@@ -24,10 +24,10 @@ from efficientllava.pruning.toy_calibration import prompt_batches
 OPERATORS = ("wanda", "magnitude")
 
 
-def roles_of(model, names) -> list[str]:
-    """The roles of `names`, in the order they first appear."""
+def layer_roles(model, names) -> dict[str, str]:
+    """{layer name: role} for `names`, in their order."""
     registry = find_layers(model)
-    return list(dict.fromkeys(registry[name].role for name in names))
+    return {name: registry[name].role for name in names}
 
 
 def prune_split(model, names, role: str | None, inside: str, ratio: float, batches, roles: dict[str, str]) -> None:
@@ -65,11 +65,10 @@ def main(argv=None) -> str:
     dense, processor = load_llava(args.model, device="cpu")
     batches = prompt_batches(processor, calibration)
     names = list(select_layers(dense))
-    registry = find_layers(dense)
-    roles = {name: registry[name].role for name in names}
+    roles = layer_roles(dense, names)
     lines = [f"| Wanda on | magnitude on | test acc (letter) % at {args.ratio:.0%} |", "|---|---|---|"]
     rows = [(None, "magnitude"), (None, "wanda")]
-    for role in roles_of(dense, names):
+    for role in dict.fromkeys(roles.values()):
         rows += [(role, "wanda"), (role, "magnitude")]
     for role, inside in rows:
         model = copy.deepcopy(dense)

@@ -18,7 +18,8 @@ def test_the_role_gets_wandas_masks_and_the_rest_magnitudes():
     model, _, batches = toy_model_and_batches()
     names = list(select_layers(model))
     roles = {name: find_layers(model)[name].role for name in names}
-    assert by_role.roles_of(model, names) == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert by_role.layer_roles(model, names) == roles
+    assert list(dict.fromkeys(roles.values())) == ["q", "k", "v", "o", "gate", "up", "down"]
     original = {name: get_linear(model, name).weight.detach().clone() for name in names}
     alone, _, _ = toy_model_and_batches()
     queries = [name for name in names if roles[name] == "q"]
