@@ -118,7 +118,18 @@ def round_loss(model, inputs: dict, batch: dict) -> torch.Tensor:
                                       reduction="batchmean")
 
 
-CHECKS = ("score", "loss")  # what the held-back samples judge a round by (search.projector.check)
+CHECKS = ("both", "score", "loss")  # what the held-back samples judge a round by (search.projector.check)
+
+
+def round_accepted(check: str, before_score: float, after_score: float, before_loss: float, after_loss: float) -> bool:
+    """Whether a projector round is kept: the held-back samples must not get worse by the measure(s) `check` names.
+
+    score: the search's task score does not fall; loss: the answer loss does not rise; both: neither happens.
+    """
+    if check not in CHECKS:
+        raise ValueError(f"search.projector.check is {check!r}; expected one of {list(CHECKS)}")
+    score_ok, loss_ok = after_score >= before_score, after_loss <= before_loss
+    return {"score": score_ok, "loss": loss_ok, "both": score_ok and loss_ok}[check]
 
 
 @torch.no_grad()

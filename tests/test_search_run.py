@@ -97,7 +97,7 @@ def no_work(monkeypatch):
     (["search.projector.holdout=1.0"], SettingsError, r"holdout is 1.0; expected a share in \[0, 1\)"),
     (["search.projector.holdout=0.01"], SettingsError, "0 of the 8 search samples"),
     (["search.projector.check=accuracy"], SettingsError,
-     r"search.projector.check is 'accuracy'; expected one of \['score', 'loss'\]"),
+     r"search.projector.check is 'accuracy'; expected one of \['both', 'score', 'loss'\]"),
     (["search.projector.loss=mse"], SettingsError, r"search.projector.loss is 'mse'; expected one of \['answer', "
                                                    r"'distill'\]"),
     (["final_rerank=0"], SettingsError, r"final_rerank is 0; expected an integer >= 1"),
@@ -210,12 +210,15 @@ def test_the_final_rerank_prunes_the_best_plans_and_keeps_the_best_by_its_own_fi
 
 @pytest.mark.parametrize("check, losses, scores, accepted", [
     ("score", (1.0, 2.0), (50.0, 60.0), True), ("score", (2.0, 1.0), (60.0, 50.0), False),
-    ("loss", (1.0, 2.0), (50.0, 60.0), False), ("loss", (2.0, 1.0), (60.0, 50.0), True)])
+    ("loss", (1.0, 2.0), (50.0, 60.0), False), ("loss", (2.0, 1.0), (60.0, 50.0), True),
+    ("both", (1.0, 2.0), (50.0, 60.0), False), ("both", (2.0, 1.0), (60.0, 50.0), False),
+    ("both", (2.0, 1.0), (50.0, 60.0), True), ("both", (1.0, 1.0), (50.0, 50.0), True)])
 def test_a_projector_round_is_kept_only_if_the_held_back_samples_do_not_get_worse(tiny, toy_dir, tmp_path,
                                                                                  monkeypatch, check, losses, scores,
                                                                                  accepted):
-    """check=score (default): kept if the search's task score on the held-back samples does not fall, whatever their
-    answer loss does; check=loss: kept if their answer loss does not rise, whatever the score does."""
+    """check=score: kept if the search's task score on the held-back samples does not fall, whatever their answer loss
+    does; check=loss: kept if their answer loss does not rise, whatever the score does; check=both (default): kept
+    only if neither happens."""
     import json
 
     from safetensors.torch import load_file

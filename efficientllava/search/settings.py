@@ -35,7 +35,8 @@ class ProjectorSettings:
     batch_size: int = 64
     holdout: float = 0.0  # share of the N samples kept out of the loss to accept or reject each round
     loss: str = "answer"  # answer (gold labels, the paper's) or distill (KL to the dense model's answers)
-    check: str = "score"  # a round is kept if the held-back task score does not fall (score) or loss not rise (loss)
+    check: str = "both"  # a round is kept if the held-back task score does not fall (score), their answer loss does
+    # not rise (loss), or neither (both)
 
 
 @dataclass
@@ -184,7 +185,7 @@ def read_settings(cfg) -> SearchSettings:
         batch_size=_int(p, "batch_size", 64, minimum=1, where="search.projector"),
         holdout=_float(p, "holdout", 0.0, where="search.projector"),
         loss=str(p.get("loss", "answer")),
-        check=str(p.get("check", "score")),
+        check=str(p.get("check", "both")),
     )
     if projector.loss not in LOSSES:
         _fail("search.projector.loss", projector.loss, f"one of {list(LOSSES)}")
