@@ -259,7 +259,7 @@ class FitnessEvaluator:
     The task score is the accuracy on the search samples (`task_score="accuracy"`) or the mean probability the model
     gives each sample's answer among its options (`"probability"`, the expected accuracy of sampling an option by
     those probabilities): on 64 samples accuracy moves in steps of 1.6 points and picks the candidates that were
-    lucky on them, the probability moves with every change of the model's confidence (README, Search). With
+    lucky on them, the probability moves with every change of the model's confidence (docs/toy_history.md). With
     `"agreement"` the labels are not used at all: the score is the probability that the candidate and the dense
     model (the model as the evaluator is built, bank restored) pick the same option, so no candidate can gain by
     being right where the dense model is wrong on these few samples. Open-ended (VQA) samples have no options: they
