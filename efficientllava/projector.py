@@ -118,7 +118,8 @@ def round_loss(model, inputs: dict, batch: dict) -> torch.Tensor:
                                       reduction="batchmean")
 
 
-CHECKS = ("both", "score", "loss")  # what the held-back samples judge a round by (search.projector.check)
+# what the held-back samples judge a round by (search.projector.check), and how the log names it
+CHECKS = {"both": "task score and loss", "score": "task score", "loss": "loss"}
 
 
 def round_accepted(check: str, before_score: float, after_score: float, before_loss: float, after_loss: float) -> bool:

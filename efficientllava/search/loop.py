@@ -27,7 +27,7 @@ from efficientllava.logging_setup import build_loggers
 from efficientllava.models import load_from_config
 from efficientllava.outputs import atomic_directory, write_json
 from efficientllava.policy import ModelIdentity, Policy, PolicyMismatchError, SearchSpace
-from efficientllava.projector import (check_loss, load_projector, load_projector_state, mean_over_policies,
+from efficientllava.projector import (CHECKS, check_loss, load_projector, load_projector_state, mean_over_policies,
                                       projector_state, round_accepted, save_projector, train_projector, with_teacher)
 from efficientllava.pruning import PruningBank, get_linear, prune_model, pruner_options, select_from_config, sparsity
 from efficientllava.search import baselines
@@ -43,7 +43,6 @@ from efficientllava.speed import (ESTIMATE_HOW, ESTIMATED, estimated_speedup, fl
                                   parameter_count, scoring_speedup)
 
 log = logging.getLogger("search")
-CHECK_LABELS = {"score": "task score", "loss": "loss", "both": "task score and loss"}
 AUTO_RERANK = 8  # final_rerank: null, weight-sparsity plans (README, Search)
 
 
@@ -311,7 +310,7 @@ class SearchRun:
                 log.info("projector round %d on the %d held-back samples: %s %.2f -> %.2f, answer loss %.4f -> %.4f; "
                          "judged by the %s: %s", r, self.n_check, self.evaluator.task_score,
                          check["check_score_before"], check["check_score_after"], check["check_loss_before"],
-                         check["check_loss_after"], CHECK_LABELS[p.check],
+                         check["check_loss_after"], CHECKS[p.check],
                          "kept" if check["accepted"] else "rejected (the previous projector stays)")
             save_projector(path, self.model)
             info = {"round": r, "before_generation": generation, "policies": [t["id"] for t in top],

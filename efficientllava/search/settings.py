@@ -36,7 +36,7 @@ class ProjectorSettings:
     holdout: float = 0.0  # share of the N samples kept out of the loss to accept or reject each round
     loss: str = "answer"  # answer (gold labels, the paper's) or distill (KL to the dense model's answers)
     check: str = "both"  # a round is kept if the held-back task score does not fall (score), their answer loss does
-    # not rise (loss), or neither (both)
+    # not rise (loss), or both hold (both)
 
 
 @dataclass
