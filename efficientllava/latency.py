@@ -17,9 +17,10 @@ one shape share them) on a copy of a block shrunk to each width: the fastest of 
 width and tokens (a spike from another job is replaced by the cheapest larger entry; the raw timings are kept in
 `raw_attn` / `raw_mlp`).
 Blocks timed alone cost less or more than inside the model, so `calibrate` fits rest and scale to two end-to-end
-measurements taken together (interleaved, the fastest of at least 5 runs each, like the entries), the dense model and
-the most-shrunk plan (without it: scale 1, rest = dense - blocks). The table predicts the machine unloaded; the
-speedups measured on the front and the final model are medians, so another job on the machine shows up there.
+measurements taken together (the search passes the medians of 21 interleaved runs, as its budget check and final
+model are measured; the fastest of a few runs let one lucky dense run move the whole table), the dense model and the
+most-shrunk plan (without it: scale 1, rest = dense - blocks). The entries are the fastest of their calls, so the
+table's shape is the unloaded machine's and its level that of the end-to-end medians.
 What the table still leaves out (the visual-token ranking and scatter) shows up in the end-to-end measurements of
 the search's front and final model, which are reported beside the predictions.
 

@@ -95,7 +95,9 @@ def no_bank(monkeypatch):
     (["search.tokens.keep=[0.5,1.5]"], SettingsError, r"search.tokens: visual-token keep ratio R is 1.5"),
     (["search.tokens.layers=[2,4]"], SettingsError, r"search.tokens: .*K=4, but the language model has 4 decoder"),
     (["search.structure.attn_choices=[0.0,0.25]"], SettingsError, r"search.structure: .*grouped-query attention"),
-    (["search.latency.min_speedup=50"], ValueError, r"speedup >= 50.00x\) cannot be met"),
+    (["search.latency.min_speedup=50", "search.latency.margin=0"], ValueError, r"speedup >= 50.00x\) cannot be met"),
+    (["search.latency.min_speedup=50"], ValueError,  # the default search aims 5% past its budget
+     r"speedup >= 52.50x\) cannot be met.*includes search.latency.margin=0.05 .*a smaller margin may fit"),
 ])
 def test_bad_structure_token_and_budget_settings_stop_before_the_bank(tiny, tmp_path, no_bank, overrides, error,
                                                                       match):
@@ -114,14 +116,26 @@ def _fake_acceleration(settings):
     return fake
 
 
+PREDICTED = {"a": 1.8, "b": 1.9, "c": 2.0}  # the fakes' latency table: predicted speedup of each plan
+
+
+def _fake_space(predicted=PREDICTED, speed_key=lambda genome: genome):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(key=lambda genome: genome, speed_key=speed_key,
+                           predicted_speedup=lambda genome: predicted[speed_key(genome)],
+                           predicted_seconds=lambda genome: 0.18 / predicted[speed_key(genome)])
+
+
 @pytest.mark.parametrize("budget, verify, speeds, chosen, tried, met", [
     ({"min_speedup": 1.8}, 8, {"a": 1.75, "b": 1.82, "c": 1.9}, 3, [1, 3], True),  # a is below: step to b
     ({"min_speedup": 1.8}, 8, {"a": 1.81, "b": 1.82, "c": 1.9}, 1, [1], True),  # the best already meets it
-    ({"min_speedup": 1.8}, 2, {"a": 1.7, "b": 1.75, "c": 1.9}, 1, [1, 3], False),  # c would, but only 2 plans tried
+    ({"min_speedup": 1.8}, 2, {"a": 1.78, "b": 1.75, "c": 1.9}, 1, [1, 3], False),  # c would, but only 2 plans tried
     ({"max_prefill_ms": 95.0}, 8, {"a": 1.9, "b": 1.95, "c": 2.0}, 3, [1, 3], True),  # prefill 100 / 95 / 90 ms
 ])
+@pytest.mark.parametrize("confirm", [0, 1, 2])
 def test_budget_check_prunes_the_best_plan_that_meets_the_budget_measured(monkeypatch, budget, verify, speeds,
-                                                                          chosen, tried, met):
+                                                                          chosen, tried, met, confirm):
     from types import SimpleNamespace
 
     from efficientllava.search import acceleration
@@ -136,16 +150,78 @@ def test_budget_check_prunes_the_best_plan_that_meets_the_budget_measured(monkey
                                                                                      speeds[twin] + 0.02]}
 
     monkeypatch.setattr(acceleration, "scoring_speedup", measure)
-    fake = _fake_acceleration(AccelerationSettings(verify=verify, **budget))
-    space = SimpleNamespace(key=lambda genome: genome, predicted_speedup=lambda genome: 1.85)
+    fake = _fake_acceleration(AccelerationSettings(verify=verify, confirm=confirm, **budget))
+    space = _fake_space()
     candidates = [{"id": 1, "genome": "a", "fitness": 0.70}, {"id": 2, "genome": "a", "fitness": 0.69},
                   {"id": 3, "genome": "b", "fitness": 0.68}, {"id": 4, "genome": "c", "fitness": 0.60}]
     check = Acceleration.verify_budget(fake, space, candidates, samples=None, repeats=21)
     assert check["candidate"]["id"] == chosen and check["met"] is met
     assert [c["id"] for c in check["checked"]] == tried  # candidate 2 repeats plan a: not timed twice
-    assert all(dense == "dense" and repeats == 21 for dense, _, repeats in calls) and len(calls) == len(tried)
+    # a plan below the budget is timed once; the plan that meets it, 1 + confirm times
+    assert all(dense == "dense" and repeats == 21 for dense, _, repeats in calls)
+    assert len(calls) == len(tried) + (confirm if met else 0)
+    assert [len(c["measurements"]) for c in check["checked"]] == [1] * (len(tried) - 1) + [1 + confirm if met else 1]
     assert [c["meets_budget"] for c in check["checked"]] == [False] * (len(tried) - 1) + [met]
     assert set(fake.measured) == {candidates[i - 1]["genome"] for i in tried}  # the front shows them measured
+
+
+@pytest.mark.parametrize("confirm, chosen, met", [(0, 1, True), (1, 3, True), (2, 3, True), (3, 1, False)])
+def test_a_plan_passes_the_budget_check_only_if_every_measurement_meets_it(monkeypatch, confirm, chosen, met):
+    """Plan a measures 1.82x, then 1.76x (one lucky measurement); plan b meets 1.8x three times, then not."""
+    from types import SimpleNamespace
+
+    from efficientllava.search import acceleration
+    from efficientllava.search.acceleration import Acceleration, AccelerationSettings
+
+    series = {"a": [1.82, 1.76, 1.9], "b": [1.85, 1.81, 1.83, 1.78]}
+    seen = {"a": 0, "b": 0}
+
+    def measure(dense, twin, samples, repeats):
+        speed = series[twin][seen[twin]]
+        seen[twin] += 1
+        return {"speedup": speed, "pruned_seconds": 0.1 / speed, "quartiles": [speed - 0.02, speed + 0.02]}
+
+    monkeypatch.setattr(acceleration, "scoring_speedup", measure)
+    fake = _fake_acceleration(AccelerationSettings(verify=8, confirm=confirm, min_speedup=1.8))
+    space = _fake_space({"a": 1.8, "b": 1.85})
+    candidates = [{"id": 1, "genome": "a", "fitness": 0.70}, {"id": 3, "genome": "b", "fitness": 0.68}]
+    check = Acceleration.verify_budget(fake, space, candidates, samples=None, repeats=21)
+    assert check["candidate"]["id"] == chosen and check["met"] is met and check["confirm"] == confirm
+    first = check["checked"][0]
+    assert first["measurements"] == ([1.82] if confirm == 0 else [1.82, 1.76])  # stops at the first miss
+    assert first["measured_speedup"] == min(first["measurements"])  # a plan is reported at its lowest
+    assert first["meets_budget"] is (confirm == 0)
+    if confirm:
+        assert check["checked"][1]["measurements"] == series["b"][: 1 + min(confirm, 3)]
+        assert check["checked"][1]["meets_budget"] is met
+    assert fake.measured["a"]["speedup"] == min(first["measurements"])
+
+
+def test_budget_check_times_each_speed_plan_once(monkeypatch):
+    """Candidates that differ only in unstructured sparsity share a speed plan: the check moves on to the next
+    structure / visual-token plan instead of timing the same one again."""
+    from types import SimpleNamespace
+
+    from efficientllava.search import acceleration
+    from efficientllava.search.acceleration import Acceleration, AccelerationSettings
+
+    timed = []
+
+    def measure(dense, twin, samples, repeats):
+        timed.append(twin)
+        speed = {"s1": 1.48, "s2": 1.45, "s3": 1.6}[twin[1]]
+        return {"speedup": speed, "pruned_seconds": 0.1 / speed, "quartiles": [speed, speed]}
+
+    monkeypatch.setattr(acceleration, "scoring_speedup", measure)
+    fake = _fake_acceleration(AccelerationSettings(verify=8, confirm=1, min_speedup=1.5))
+    space = _fake_space({"s1": 1.5, "s2": 1.55, "s3": 1.65}, speed_key=lambda genome: genome[1])
+    space.key = lambda genome: ".".join(genome)
+    genomes = [("w1", "s1"), ("w2", "s1"), ("w3", "s1"), ("w1", "s2"), ("w2", "s2"), ("w4", "s3"), ("w5", "s1")]
+    candidates = [{"id": i, "genome": g, "fitness": 1 - i / 10} for i, g in enumerate(genomes)]
+    check = Acceleration.verify_budget(fake, space, candidates, samples=None, repeats=21)
+    assert [c["id"] for c in check["checked"]] == [0, 3, 5]  # the best candidate of each speed plan
+    assert timed == [("w1", "s1"), ("w1", "s2"), ("w4", "s3"), ("w4", "s3")]  # s3 met it and was confirmed
+    assert check["candidate"]["id"] == 5 and check["met"] is True
 
 
 def test_budget_check_is_off_without_a_budget_or_with_verify_zero():
@@ -153,7 +229,7 @@ def test_budget_check_is_off_without_a_budget_or_with_verify_zero():
 
     from efficientllava.search.acceleration import Acceleration, AccelerationSettings
 
-    space = SimpleNamespace(key=lambda genome: genome, predicted_speedup=lambda genome: 1.0)
+    space = _fake_space({"a": 1.0})
     candidates = [{"id": 1, "genome": "a", "fitness": 0.7}]
     assert Acceleration.verify_budget(_fake_acceleration(AccelerationSettings()), space, candidates, None, 5) is None
     off = AccelerationSettings(min_speedup=1.5, verify=0)
@@ -188,6 +264,8 @@ def test_search_with_a_budget_reports_its_budget_check(tiny, tmp_path, monkeypat
 @pytest.mark.parametrize("latency, match", [
     ({"verify": -1}, r"search.latency.verify is -1; expected an integer >= 0"),
     ({"verify": 2.5}, r"search.latency.verify is 2.5; expected an integer >= 0"),
+    ({"confirm": -1}, r"search.latency.confirm is -1; expected an integer >= 0"),
+    ({"confirm": True}, r"search.latency.confirm is True; expected an integer >= 0"),
     ({"margin": -0.1}, r"search.latency.margin is -0.1; expected a number in \[0, 1\)"),
     ({"margin": "3%"}, r"search.latency.margin is '3%'; expected a number in \[0, 1\)"),
 ])
@@ -199,3 +277,17 @@ def test_bad_verify_and_margin_are_refused(latency, match):
     with pytest.raises(SettingsError, match=match):
         read_acceleration(OmegaConf.create({"structure": {"enabled": False}, "tokens": {"enabled": True,
                                             "layers": [1], "keep": [0.5]}, "latency": latency}))
+
+
+def test_the_budget_check_may_try_every_candidate_of_the_current_projector():
+    """The final ranking first, then the other candidates scored with the current projector, by fitness; candidates
+    scored with an earlier projector are not comparable and stay out."""
+    from types import SimpleNamespace
+
+    final = [{"id": 7, "fitness": 0.8, "projector_round": 2}, {"id": 5, "fitness": 0.7, "projector_round": 2}]
+    seen = {r["id"]: r for r in final + [{"id": 1, "fitness": 0.9, "projector_round": 0},
+                                         {"id": 3, "fitness": 0.6, "projector_round": 2},
+                                         {"id": 4, "fitness": 0.75, "projector_round": 2},
+                                         {"id": 2, "fitness": 0.6, "projector_round": 2}]}
+    run = SimpleNamespace(final_candidates=final, seen=seen, current_round=2)
+    assert [r["id"] for r in loop.SearchRun.budget_pool(run)] == [7, 5, 4, 2, 3]

@@ -52,6 +52,16 @@ def test_repair_meets_the_latency_budget_and_keeps_the_sparsity_band(toy):
     assert joint(toy, speedup=None).repair(free) == free
 
 
+def test_speed_key_names_the_structure_and_token_genes_only(toy):
+    space = joint(toy, speedup=None)
+    genome = [1, 2, 2, 3] + [1, 0, 2, 0] + [0, 1, 0, 0] + [1, 2]
+    weights_moved = [2, 1, 3, 2] + genome[4:]
+    assert space.speed_key(weights_moved) == space.speed_key(genome) != space.speed_key([1, 2, 2, 3] + [1, 0, 2, 1]
+                                                                                        + genome[8:])
+    assert space.key(weights_moved) != space.key(genome)
+    assert space.speed_key(genome) == "1.0.2.0.0.1.0.0.1.2"
+
+
 def test_token_layer_means_nothing_without_dropped_tokens(toy):
     space = joint(toy, speedup=None)
     genome = [2] * 4 + [0] * 8 + [2, 0]  # K index 2 but keep 1.0

@@ -31,7 +31,7 @@ import torch
 
 from efficientllava.latency import LatencyTable, LatencyTableError, Workload, attention_implementation
 from efficientllava.latency import measure_latency_table
-from efficientllava.policy import SearchSpace
+from efficientllava.policy import BudgetError, SearchSpace
 from efficientllava.pruning.bank import DENSE, choice_key
 from efficientllava.pruning.structured import (IMPORTANCE, StructureError, StructureMasker, compute_importance,
                                                decoder_geometry, shrink_model)
@@ -45,6 +45,7 @@ from efficientllava.token_pruning import TokenPruningError, VisualTokenPruner
 log = logging.getLogger("search")
 
 LATENCY_TABLE = "latency_table.json"
+CALIBRATION_ROUNDS = 21  # interleaved dense / most-pruned rounds that calibrate the latency table end to end
 PREDICTED = "latency_table"
 
 
@@ -67,6 +68,7 @@ class AccelerationSettings:
     repeats: int = 5
     measure_front: int = 6
     verify: int = 8
+    confirm: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -76,6 +78,7 @@ class AccelerationSettings:
         d = asdict(self)
         d.pop("measure_front")
         d.pop("verify")
+        d.pop("confirm")
         d.pop("table")
         if not d["margin"]:  # runs from before the margin existed resume
             d.pop("margin")
@@ -132,7 +135,7 @@ def read_acceleration(search_cfg) -> AccelerationSettings:
     if s.min_speedup is not None and s.min_speedup < 1:
         raise SettingsError(f"search.latency.min_speedup is {s.min_speedup}; expected a speedup >= 1 (or null)")
     s.table = lat.get("table")
-    for key in ("repeats", "measure_front", "verify"):
+    for key in ("repeats", "measure_front", "verify", "confirm"):
         value = lat.get(key, getattr(s, key))
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "repeats" else 0):
             raise SettingsError(f"search.latency.{key} is {value!r}; expected an integer >= "
@@ -244,7 +247,13 @@ class Acceleration:
             limits.append(s.max_prefill_ms / 1000.0 / (1 + s.margin))
         self.max_seconds = min(limits) if limits else None
         for space in self.spaces:
-            space.set_latency(self.table, self.max_seconds)
+            try:
+                space.set_latency(self.table, self.max_seconds)
+            except BudgetError as err:
+                if not s.margin:
+                    raise
+                raise BudgetError(f"{err}; that aim includes search.latency.margin={s.margin:g} (the search aims "
+                                  f"{100 * s.margin:g}% past the budget): a smaller margin may fit") from None
 
     def measure_table(self, samples, model_hash: str) -> LatencyTable:
         s, space = self.settings, self.space
@@ -254,14 +263,16 @@ class Acceleration:
         table = measure_latency_table(self.model, self.workload, groups, channels, keeps, 0.0, model_hash, s.repeats)
         fastest = space._most_pruned()
         anchor = self.build(fastest, weights=False)
-        timing = scoring_speedup(self.model, anchor, samples, repeats=max(s.repeats, 5), statistic="min")
+        # medians, as the budget check and the final model are measured: the fastest of a few runs let one lucky
+        # dense run move every prediction of the table (the toy's most pruned structure-only plan: 2.23x, then 1.78x)
+        timing = scoring_speedup(self.model, anchor, samples, repeats=CALIBRATION_ROUNDS, statistic="median")
         tokens = space.token_setting(fastest)
         table.calibrate(timing["dense_seconds"], self.dense_widths, timing["pruned_seconds"],
                         space.widths(fastest, self.dense_widths), tokens and tokens["layer"], tokens and tokens["keep"])
-        log.info("latency table on %s: dense %.1f ms, most pruned plan %.1f ms (%.2fx, fastest of %d interleaved "
+        log.info("latency table on %s: dense %.1f ms, most pruned plan %.1f ms (%.2fx, median of %d interleaved "
                  "runs each), block scale %.2f",
                  table.device, 1000 * table.dense, 1000 * timing["pruned_seconds"], timing["speedup"],
-                 max(s.repeats, 5), table.scale)
+                 CALIBRATION_ROUNDS, table.scale)
         del anchor
         return table
 
@@ -443,27 +454,35 @@ class Acceleration:
 
     def verify_budget(self, space: JointSpace, candidates: list[dict], samples, repeats: int) -> dict | None:
         """The budget holds for predictions; the result must hold it measured. Real copies of the best candidates
-        (fitness order, distinct plans, at most `verify`) are timed against the dense model end to end, and the
-        first that meets the budget is the one to prune; if none does, the best stays and `met` is False.
-        None when there is no budget or `verify` is 0."""
+        are timed against the dense model end to end, in fitness order, one per speed plan (structure and visual
+        tokens: candidates that differ only in unstructured sparsity run the same kernels), at most `verify` plans.
+        A plan that meets the budget is timed `confirm` more times, and the first whose every measurement meets it
+        is the one to prune (one lucky measurement passes no plan: among plans near the budget, the first to pass
+        once is the one whose measurement came out high). If none does, the best stays and `met` is False. A
+        plan's `measured_speedup` is its lowest measurement. None when there is no budget or `verify` is 0."""
         s = self.settings
         if s.verify == 0 or (s.min_speedup is None and s.max_prefill_ms is None) or not candidates:
             return None
         self.release()
         checked, chosen = [], None
-        for record in distinct_best(candidates, space.key, s.verify):
+        for record in distinct_best(candidates, space.speed_key, s.verify):
             twin = self.build(record["genome"], space)
-            measured = scoring_speedup(self.model, twin, samples, repeats=repeats)
+            runs = [scoring_speedup(self.model, twin, samples, repeats=repeats)]
+            while self.meets_budget(runs[-1]) and len(runs) <= s.confirm:
+                runs.append(scoring_speedup(self.model, twin, samples, repeats=repeats))
             del twin
+            ok = all(self.meets_budget(m) for m in runs)
+            measured = min(runs, key=lambda m: m["speedup"])
             self.measured[space.key(record["genome"])] = measured
-            ok = self.meets_budget(measured)
             checked.append({"id": record["id"], "fitness": record["fitness"],
                             "predicted_speedup": space.predicted_speedup(record["genome"]),
                             "measured_speedup": measured["speedup"], "measured_quartiles": measured["quartiles"],
+                            "measurements": [m["speedup"] for m in runs],
                             "pruned_ms": 1000 * measured["pruned_seconds"], "meets_budget": ok})
-            log.info("budget check: candidate %d (fitness %.4f) predicted %.2fx, measured %.2fx (%.2f-%.2f): %s",
-                     record["id"], record["fitness"], checked[-1]["predicted_speedup"], measured["speedup"],
-                     *measured["quartiles"], "meets the budget" if ok else "below the budget")
+            log.info("budget check: candidate %d (fitness %.4f) predicted %.2fx, measured %s (lowest: quartiles "
+                     "%.2f-%.2f): %s", record["id"], record["fitness"], checked[-1]["predicted_speedup"],
+                     " then ".join(f"{m['speedup']:.2f}x" for m in runs), *measured["quartiles"],
+                     "meets the budget" if ok else "below the budget")
             if ok:
                 chosen = record
                 break
@@ -471,7 +490,7 @@ class Acceleration:
             log.warning("budget check: none of the %d best plans met the latency budget measured; keeping the best "
                         "by fitness (candidate %d)", len(checked), candidates[0]["id"])
         return {"met": chosen is not None, "candidate": chosen if chosen is not None else candidates[0],
-                "checked": checked, "repeats": repeats}
+                "checked": checked, "repeats": repeats, "confirm": s.confirm}
 
     def finalize(self, space: JointSpace, genome, prune_weights) -> torch.nn.Module:
         """Shrink the model for real to the candidate's structure, run `prune_weights()` (the final unstructured

@@ -382,7 +382,7 @@ class SearchRun:
             best, rerank = self.rerank_final(self.final_candidates)
         budget_check = None
         if accel is not None:  # the plan to prune must meet the budget measured, not only predicted
-            budget_check = accel.verify_budget(space, self.final_candidates, self.samples, s.speed_repeats)
+            budget_check = accel.verify_budget(space, self.budget_pool(), self.samples, s.speed_repeats)
             if budget_check is not None:
                 best = budget_check.pop("candidate")
         ratios = space.ratios(best["genome"])
@@ -478,6 +478,16 @@ class SearchRun:
         self.tracker.generation(len(self.seen), rows, {**best, "search_acc": best["acc"]})
         self.tracker.finish(summary, step=len(self.seen))
         return summary
+
+    def budget_pool(self) -> list[dict]:
+        """The plans the budget check may try, best first: the final ranking, then every other candidate scored
+        with the current projector, by fitness (an evolution's last generation often holds one or two speed
+        plans)."""
+        first = list(self.final_candidates)
+        ids = {r["id"] for r in first}
+        rest = [r for r in self.seen.values()
+                if r["id"] not in ids and r.get("projector_round", 0) == self.current_round]
+        return first + sorted(rest, key=lambda r: (-r["fitness"], r["id"]))
 
     def final_prune(self, ratios: dict) -> None:
         """The final pruner (`final` config) on the model in place, calibrated on the N search samples."""
@@ -588,7 +598,8 @@ def report(summary: dict) -> str:
 
 
 def _budget_line(check: dict) -> str:
-    tried = ", ".join(f"{c['measured_speedup']:.2f}x" for c in check["checked"])
+    tried = ", ".join("/".join(f"{m:.2f}x" for m in c.get("measurements", [c["measured_speedup"]]))
+                      for c in check["checked"])
     last = check["checked"][-1]
     verdict = (f"candidate {last['id']} met it" if check["met"]
                else "none met it; the best by fitness was kept")
