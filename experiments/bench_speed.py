@@ -28,6 +28,7 @@ import torch
 
 from efficientllava.evaluation import MODEL_INPUTS
 from efficientllava.host_memory import HostMemoryError, steady_heap
+from efficientllava.markdown import markdown_table
 from efficientllava.pruning.structured import compute_importance, decoder_geometry, record_structure, shrink_block
 from efficientllava.pruning.structured import shrink_model
 from efficientllava.speed import (SpeedError, decode_speedup, describe_device, graphed_prefill_speedup, parameter_count,
@@ -49,12 +50,6 @@ BIG_PLANS = {
     "FastV K=2 R=0.25": (0.0, 0.0, (2, 0.25)),
     "MLP 50% + heads 50% + FastV K=2 R=0.25": (0.5, 0.5, (2, 0.25)),
 }
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def inputs(batch: dict) -> dict:
@@ -116,7 +111,7 @@ def bench_toy(args) -> None:
         dec = [decode_speedup(dense, model, decode[b], args.decode_steps, args.repeats, 1)["speedup"] for b in decode]
         rows.append([name, f"{acc:.2f}", f"{parameter_count(model):,}", f"{prefill_flops(model, prefill[8]) / 1e9:.3f}",
                      *[f"{x:.2f}" for x in pre + dec]])
-    print(table(header, rows))
+    print(markdown_table(header, rows))
 
 
 # ---- LLaVA-1.5-7B shape -------------------------------------------------------------------------------------------
@@ -179,7 +174,7 @@ def bench_7b(args) -> None:
         rows.append(row)
         del pruned
         torch.cuda.empty_cache()
-    print(table(header, rows))
+    print(markdown_table(header, rows))
     if graphs:
         print("\nGraphed: each prefill captured once as a CUDA graph (speed.GraphedPrefill) and replayed, so host-side "
               "launch overhead is gone from both models, as in a serving engine's fixed-shape path.")
@@ -216,7 +211,7 @@ def bench_two_four(args, device, dtype) -> None:
                     rows.append([f"{out_f}x{in_f}", tokens, backend or "default", f"{result['dense_ms']:.3f}",
                                  f"{result['sparse_ms']:.3f}", f"{result['speedup']:.2f}x"])
     print("\n2:4 semi-structured matmul vs dense (float16, median of repeats, CUDA events)\n")
-    print(table(["layer (out x in)", "tokens", "backend", "dense ms", "2:4 ms", "speedup"], rows))
+    print(markdown_table(["layer (out x in)", "tokens", "backend", "dense ms", "2:4 ms", "speedup"], rows))
 
 
 def main() -> None:

@@ -177,7 +177,7 @@ class JointSpace:
     def speed_key(self, genome) -> str:
         """Names what a plan's speed depends on, its structure and visual-token genes (plans that differ only in
         unstructured sparsity run the same dense kernels at the same speed)."""
-        return ".".join(str(int(i)) for i in self.split(genome)[1])
+        return self.key(self.split(genome)[1])
 
     def split(self, genome) -> tuple[list[int], list[int]]:
         g = [int(i) for i in genome]
